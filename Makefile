@@ -1,0 +1,37 @@
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: test demo lint soak bench venv system-deps clean
+
+## test: create the virtual environment, install everything (Dovecot too), run all checks and tests
+test: venv system-deps
+	$(BIN)/ruff check forwarder tests
+	$(BIN)/mypy forwarder
+	$(BIN)/python -m pytest -m "not soak"
+
+## demo: the real forwarder against a throwaway local Dovecot and SMTP sink
+demo: venv system-deps
+	$(BIN)/python -m tests.demo
+
+## soak: the long-running variants
+soak: venv system-deps
+	$(BIN)/python -m pytest -m soak
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+system-deps:
+	bash .ci/system-deps
+
+lint: venv
+	$(BIN)/ruff check forwarder tests
+	$(BIN)/mypy forwarder
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

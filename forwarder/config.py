@@ -1,0 +1,269 @@
+"""Configuration: environment variables (and a `.env` file), validated up front.
+
+`load_settings()` returns a `Settings` object or raises `ConfigError` with one
+line that names the variable and what is wrong, never a secret. The lists are
+validated and expanded here (nested lists resolved, cycles refused) so that the
+rest of the program only sees plain, normalised data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from forwarder.addresses import is_valid_address, normalize
+from forwarder.errors import ConfigError
+
+PREFIX = "FORWARDER_"
+Security = Literal["tls", "starttls", "none"]
+
+_DEFAULT_IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}
+_DEFAULT_SMTP_PORTS = {"tls": 465, "starttls": 587, "none": 25}
+_CREDENTIAL_FILES = {"imap_password": "imap_password", "smtp_password": "smtp_password"}
+
+
+def env_name(field: str) -> str:
+    return PREFIX + field.upper()
+
+
+class Settings(BaseSettings):
+    """Every setting of the forwarder. Pass it explicitly; never a global."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    imap_host: str = Field(min_length=1)
+    imap_port: int | None = Field(default=None, ge=1, le=65535)
+    imap_security: Security = "tls"
+    imap_username: str = Field(min_length=1)
+    imap_password: SecretStr
+    imap_folder: str = Field(default="INBOX", min_length=1)
+
+    smtp_host: str = Field(min_length=1)
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    smtp_security: Security = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+
+    lists: Annotated[dict[str, tuple[str, ...]], NoDecode]
+    member_domains: Annotated[tuple[str, ...], NoDecode] = ()
+    envelope_sender: str | None = None
+
+    state_db: Path = Path("./forwarder-state.db")
+    poll_interval: float = Field(default=60.0, gt=0)
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    tls_ca_file: Path | None = None
+    fetch_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    fetch_batch_messages: int = Field(default=200, ge=1)
+    retry_for: float = Field(default=5 * 24 * 3600.0, gt=0)
+    smtp_timeout: float = Field(default=600.0, gt=0)
+    imap_timeout: float = Field(default=120.0, gt=0)
+
+    @field_validator("log_format", "log_level", "imap_security", "smtp_security", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("smtp_username", "envelope_sender", "tls_ca_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("smtp_password", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("lists", mode="before")
+    @classmethod
+    def _parse_lists(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
+        return _validate_lists_shape(value)
+
+    @field_validator("member_domains", mode="before")
+    @classmethod
+    def _parse_domains(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in (p.strip() for p in value.split(",")) if part]
+        if not isinstance(value, list | tuple):
+            raise ValueError("must be a comma-separated list of domains, or *")
+        domains = tuple(d.strip().lower().lstrip("@") for d in value)
+        for domain in domains:
+            if domain != "*" and not re.fullmatch(r"[a-z0-9.-]+\.?[a-z0-9-]*", domain):
+                raise ValueError(f"{domain!r} is not a domain name")
+        return domains
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+    @model_validator(mode="after")
+    def _check_lists(self) -> Settings:
+        _check_membership(self.lists, self.allowed_domains)
+        if self.envelope_sender is not None and not is_valid_address(self.envelope_sender):
+            raise ValueError(
+                f"{env_name('envelope_sender')}: {self.envelope_sender!r} is not an address"
+            )
+        if self.sender_address is None:
+            raise ValueError(
+                f"{env_name('envelope_sender')}: neither the SMTP nor the IMAP username is an "
+                "address; set it to the list administrator's address"
+            )
+        return self
+
+    # Derived values -----------------------------------------------------------------
+
+    @property
+    def imap_port_effective(self) -> int:
+        return self.imap_port or _DEFAULT_IMAP_PORTS[self.imap_security]
+
+    @property
+    def smtp_port_effective(self) -> int:
+        return self.smtp_port or _DEFAULT_SMTP_PORTS[self.smtp_security]
+
+    @property
+    def allowed_domains(self) -> frozenset[str]:
+        if self.member_domains:
+            return frozenset(self.member_domains)
+        return frozenset(addr.rpartition("@")[2] for addr in self.lists)
+
+    @property
+    def sender_address(self) -> str | None:
+        for candidate in (self.envelope_sender, self.smtp_username, self.imap_username):
+            if candidate and is_valid_address(candidate):
+                return candidate
+        return None
+
+    @property
+    def envelope_from(self) -> str:
+        sender = self.sender_address
+        assert sender is not None  # guaranteed by _check_lists
+        return sender
+
+    def expanded_lists(self) -> dict[str, tuple[str, ...]]:
+        """Each list address -> its member accounts, nested lists resolved."""
+        return expand_lists(self.lists)
+
+
+def _validate_lists_shape(value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a JSON object: {"list@domain": ["member@domain", ...]}')
+    if not value:
+        raise ValueError("defines no list")
+    lists: dict[str, tuple[str, ...]] = {}
+    for address, members in value.items():
+        if not isinstance(address, str) or not is_valid_address(address):
+            raise ValueError(f"list address {address!r} is not an address")
+        if "+" in address.partition("@")[0]:
+            raise ValueError(f"list address {address!r} has a +detail part; use the plain address")
+        key = normalize(address)
+        if key in lists:
+            raise ValueError(f"list {key} is defined twice")
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"list {key} has no members (expected a non-empty array)")
+        seen: dict[str, str] = {}
+        for member in members:
+            if not isinstance(member, str) or not is_valid_address(member):
+                raise ValueError(f"list {key}: member {member!r} is not an address")
+            if normalize(member) == key:
+                raise ValueError(f"list {key} contains its own address")
+            seen.setdefault(normalize(member), member.strip())
+        lists[key] = tuple(seen.values())
+    return lists
+
+
+def _check_membership(lists: dict[str, tuple[str, ...]], domains: frozenset[str]) -> None:
+    if "*" not in domains:
+        for key, members in lists.items():
+            for member in members:
+                domain = member.rpartition("@")[2].lower()
+                if domain not in domains and normalize(member) not in lists:
+                    raise ValueError(
+                        f"{env_name('lists')}: member {member} of list {key} is outside "
+                        f"{env_name('member_domains')} ({', '.join(sorted(domains))}); "
+                        "add its domain there, or * to allow any domain"
+                    )
+    expand_lists(lists)  # raises on cycles
+
+
+def expand_lists(lists: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Resolve members that are themselves lists; refuse cycles."""
+    resolved: dict[str, tuple[str, ...]] = {}
+
+    def visit(key: str, path: tuple[str, ...]) -> tuple[str, ...]:
+        if key in path:
+            cycle = " -> ".join((*path[path.index(key) :], key))
+            raise ValueError(f"{env_name('lists')}: lists include each other in a cycle: {cycle}")
+        if key in resolved:
+            return resolved[key]
+        out: dict[str, str] = {}
+        for member in lists[key]:
+            norm = normalize(member)
+            if norm in lists:
+                for sub in visit(norm, (*path, key)):
+                    out.setdefault(normalize(sub), sub)
+            else:
+                out.setdefault(norm, member)
+        resolved[key] = tuple(out.values())
+        return resolved[key]
+
+    for key in lists:
+        visit(key, ())
+    return resolved
+
+
+def _credentials() -> dict[str, str]:
+    """Passwords from systemd's LoadCredential= ($CREDENTIALS_DIRECTORY), when set."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    found: dict[str, str] = {}
+    if not directory:
+        return found
+    for field, filename in _CREDENTIAL_FILES.items():
+        path = Path(directory) / filename
+        if path.is_file():
+            found[field] = path.read_text(encoding="utf-8").rstrip("\r\n")
+    return found
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors(include_input=False, include_url=False)[0]
+    loc = [str(part) for part in first["loc"]]
+    field = loc[0] if loc else ""
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        message = "is required but not set"
+    if field and message.startswith(PREFIX):
+        return message
+    name = env_name(field) if field else "configuration"
+    return f"{name}: {message}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the configuration, or raise ConfigError (one line, no secret)."""
+    values = {**_credentials(), **overrides}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"configuration: {exc}") from None

@@ -1,0 +1,77 @@
+"""Who gets what: from a message's headers and the configured lists to a route. Pure, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from forwarder.addresses import addresses_in, normalize, received_for
+from forwarder.headers import Headers
+
+MAX_RECEIVED = 50
+
+# Where the addresses a message was delivered for are looked up, in this order.
+ENVELOPE_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
+
+
+class Skip(StrEnum):
+    """Why a message is not forwarded."""
+
+    UNMATCHED = "unmatched"  # names no configured list
+    LOOP = "loop"  # carries our X-Loop marker
+    TOO_MANY_HOPS = "too-many-hops"  # more than MAX_RECEIVED Received headers
+
+
+@dataclass(frozen=True)
+class Route:
+    lists: tuple[str, ...] = ()  # matched list addresses, normalised
+    recipients: tuple[str, ...] = ()  # member addresses, as configured
+    matched_by: str = ""  # the header that named the lists
+    skip: Skip | None = None
+
+
+def _envelope_sources(headers: Headers) -> list[tuple[str, list[str]]]:
+    sources = [(name, addresses_in(headers.get_all(name))) for name in ENVELOPE_HEADERS]
+    top_received = headers.first("received")
+    if top_received is not None:
+        found = received_for(top_received)
+        sources.append(("received", [found] if found else []))
+    return sources
+
+
+def _matched_lists(headers: Headers, lists: Mapping[str, object]) -> tuple[tuple[str, ...], str]:
+    for name, addresses in _envelope_sources(headers):
+        matched = tuple(dict.fromkeys(a for a in addresses if a in lists))
+        if matched:
+            return matched, name
+    visible = addresses_in(headers.get_all("to") + headers.get_all("cc"))
+    matched = tuple(dict.fromkeys(a for a in visible if a in lists))
+    return matched, ("to/cc" if matched else "")
+
+
+def route(headers: Headers, lists: Mapping[str, tuple[str, ...]]) -> Route:
+    """Decide which lists a message was sent to and which members must receive it.
+
+    `lists` maps each normalised list address to its member accounts (nested lists
+    already expanded). RCPT TO addresses only ever come from these members.
+    """
+    loops = {normalize(v) for v in headers.get_all("x-loop")}
+    if loops & lists.keys():
+        return Route(skip=Skip.LOOP)
+    if headers.count("received") > MAX_RECEIVED:
+        return Route(skip=Skip.TOO_MANY_HOPS)
+
+    matched, matched_by = _matched_lists(headers, lists)
+    if not matched:
+        return Route(skip=Skip.UNMATCHED)
+
+    already = set(addresses_in(headers.get_all("to") + headers.get_all("cc")))
+    already.update(addresses_in(headers.get_all("from")))
+    recipients: dict[str, str] = {}
+    for list_address in matched:
+        for member in lists[list_address]:
+            key = normalize(member)
+            if key not in already:
+                recipients.setdefault(key, member)
+    return Route(lists=matched, recipients=tuple(recipients.values()), matched_by=matched_by)

@@ -1,0 +1,187 @@
+"""Re-sending over SMTP (aiosmtplib): one transaction per message, per-recipient results.
+
+The relay reports what the server answered for each recipient; it decides
+nothing about retries. Connection-level failures raise `SmtpError`: the caller
+records nothing for that message and tries again on the next cycle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPDataError,
+    SMTPException,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+)
+
+from forwarder.config import Settings
+from forwarder.errors import SmtpAuthError, SmtpError
+from forwarder.tls import tls_context
+
+CONNECT_TIMEOUT = 60.0  # RFC 5321 4.5.3.2: 5 minutes for most commands; connecting is quicker
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The server's answer for one recipient: the RCPT reply if refused, else the DATA reply."""
+
+    code: int
+    text: str
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+
+class SmtpRelay:
+    """One reused SMTP connection to the submission server."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server = f"SMTP server {settings.smtp_host}:{settings.smtp_port_effective}"
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def connect(self) -> None:
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port_effective,
+            use_tls=s.smtp_security == "tls",
+            start_tls=s.smtp_security == "starttls",
+            tls_context=tls_context(s),
+            timeout=CONNECT_TIMEOUT,
+        )
+        try:
+            await smtp.connect()
+            if s.smtp_username:
+                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
+                await smtp.login(s.smtp_username, password)
+        except SMTPAuthenticationError as exc:
+            smtp.close()
+            raise SmtpAuthError(
+                f"{self.server} refused the login of {s.smtp_username} ({exc.code}); check "
+                "FORWARDER_SMTP_USERNAME and FORWARDER_SMTP_PASSWORD"
+            ) from None
+        except (TimeoutError, SMTPException, OSError) as exc:
+            smtp.close()
+            raise SmtpError(f"{self.server}: {_describe(exc)}") from None
+        self._smtp = smtp
+
+    async def send(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Reply]:
+        """One transaction. Returns each recipient's reply; raises SmtpError if the link fails."""
+        if not self.connected:
+            await self.connect()
+        smtp = self._smtp
+        assert smtp is not None
+        timeout = self.settings.smtp_timeout
+        limit = _size_limit(smtp)
+        if limit and len(data) > limit:
+            reply = Reply(552, f"message size {len(data)} exceeds the server's limit of {limit}")
+            return dict.fromkeys(recipients, reply)
+        try:
+            try:
+                await smtp.mail(mail_from, options=_mail_options(smtp, data), timeout=timeout)
+            except SMTPSenderRefused as exc:
+                await self._reset()
+                if 400 <= exc.code < 500 or exc.code == 552:
+                    return dict.fromkeys(recipients, Reply(exc.code, exc.message))
+                raise SmtpError(
+                    f"{self.server} refused the envelope sender {mail_from} ({exc.code} "
+                    f"{exc.message}); check FORWARDER_ENVELOPE_SENDER"
+                ) from None
+            replies: dict[str, Reply] = {}
+            for rcpt in recipients:
+                try:
+                    await smtp.rcpt(rcpt, timeout=timeout)
+                except SMTPRecipientRefused as exc:
+                    replies[rcpt] = Reply(exc.code, exc.message)
+            accepted = [r for r in recipients if r not in replies]
+            if not accepted:
+                await self._reset()
+                return replies
+            try:
+                response = await smtp.data(data, timeout=timeout)
+                final = Reply(response.code, response.message)
+            except SMTPDataError as exc:
+                final = Reply(exc.code, exc.message)
+                await self._reset()
+            replies.update(dict.fromkeys(accepted, final))
+            return replies
+        except (TimeoutError, SMTPServerDisconnected, SMTPException, OSError) as exc:
+            self.drop()
+            raise SmtpError(f"{self.server}: {_describe(exc)}") from None
+
+    async def _reset(self) -> None:
+        if self._smtp is not None and self._smtp.is_connected:
+            try:
+                await self._smtp.rset()
+            except (SMTPException, OSError):
+                self.drop()
+
+    def drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None and smtp.is_connected:
+            try:
+                await smtp.quit(timeout=10)
+            except (TimeoutError, SMTPException, OSError):
+                smtp.close()
+
+    def describe_capabilities(self) -> dict[str, object]:
+        smtp = self._smtp
+        if smtp is None:
+            return {}
+        return {
+            "size_limit": _size_limit(smtp),
+            "8bitmime": smtp.supports_extension("8bitmime"),
+            "smtputf8": smtp.supports_extension("smtputf8"),
+        }
+
+
+def _size_limit(smtp: aiosmtplib.SMTP) -> int:
+    value = smtp.esmtp_extensions.get("size", "")
+    return int(value) if value.strip().isdigit() else 0
+
+
+def _mail_options(smtp: aiosmtplib.SMTP, data: bytes) -> list[str]:
+    options: list[str] = []
+    if smtp.supports_extension("size"):
+        options.append(f"SIZE={len(data)}")
+    if not data.isascii():
+        if smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if smtp.supports_extension("smtputf8"):
+            options.append("SMTPUTF8")
+    return options
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused; check FORWARDER_SMTP_HOST and FORWARDER_SMTP_PORT"
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    text = str(exc) or type(exc).__name__
+    if "certificate verify failed" in text.lower():
+        return f"TLS certificate not trusted ({text}); set FORWARDER_TLS_CA_FILE for a private CA"
+    return text

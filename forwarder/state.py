@@ -1,0 +1,256 @@
+"""The state store: what was delivered to whom, what was skipped, how cycles went.
+
+`StateStore` is the narrow interface the poll cycle uses; `SqliteStateStore`
+is the embedded default (WAL, synchronous=FULL: a result is on disk when
+`record_deliveries` returns). A PostgreSQL backend can implement the same protocol.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from forwarder.errors import StateError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+    message_key TEXT NOT NULL,
+    member TEXT NOT NULL,
+    address TEXT NOT NULL,
+    status TEXT NOT NULL,
+    code INTEGER,
+    reply TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_try REAL NOT NULL,
+    next_try REAL,
+    updated REAL NOT NULL,
+    lists TEXT NOT NULL,
+    message_id TEXT,
+    PRIMARY KEY (message_key, member)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, next_try);
+CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
+CREATE TABLE IF NOT EXISTS skipped (
+    mailbox TEXT NOT NULL,
+    uid INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    message_id TEXT,
+    seen REAL NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cycles (
+    id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    finished REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    messages INTEGER NOT NULL,
+    forwarded INTEGER NOT NULL,
+    delivered INTEGER NOT NULL,
+    deferred INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    skipped INTEGER NOT NULL,
+    error TEXT
+);
+"""
+
+
+class Status(StrEnum):
+    DELIVERED = "delivered"  # the server answered 250 after DATA
+    DEFERRED = "deferred"  # 4xx: tried again later, until the retry deadline
+    FAILED = "failed"  # 5xx, or deferred past the deadline: final
+
+    @property
+    def final(self) -> bool:
+        return self is not Status.DEFERRED
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of one (message, member) delivery attempt."""
+
+    member: str  # normalised member address (the key)
+    address: str  # the address given in RCPT TO
+    status: Status
+    code: int | None = None
+    reply: str = ""
+    next_try: float | None = None
+
+
+@dataclass(frozen=True)
+class MemberState:
+    status: Status
+    attempts: int
+    first_try: float
+    next_try: float | None
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    started: float
+    finished: float
+    outcome: str
+    messages: int = 0
+    forwarded: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    failed: int = 0
+    skipped: int = 0
+    error: str | None = None
+
+
+class StateStore(Protocol):
+    def member_states(self, message_key: str) -> dict[str, MemberState]: ...
+
+    def record_deliveries(
+        self,
+        message_key: str,
+        message_id: str | None,
+        lists: Iterable[str],
+        deliveries: Iterable[Delivery],
+    ) -> None: ...
+
+    def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]: ...
+
+    def record_skipped(
+        self, mailbox: str, fingerprint: str, uid: int, reason: str, message_id: str | None
+    ) -> None: ...
+
+    def record_cycle(self, cycle: CycleRecord) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteStateStore:
+    """SQLite state file. Every write is one committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.parent.is_dir():
+            raise StateError(
+                f"state store {path}: directory {path.parent} does not exist; create it or "
+                "set FORWARDER_STATE_DB"
+            )
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.executescript(_SCHEMA)  # idempotent; executescript commits itself
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"state store {path}: cannot open ({exc}); check the path, "
+                "permissions and free space"
+            ) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"state store {self.path}: write failed ({exc}); nothing is sent "
+                "until it can be written again (check free space)"
+            ) from None
+
+    def member_states(self, message_key: str) -> dict[str, MemberState]:
+        rows = self._db.execute(
+            "SELECT member, status, attempts, first_try, next_try FROM deliveries "
+            "WHERE message_key = ?",
+            (message_key,),
+        ).fetchall()
+        return {m: MemberState(Status(s), a, f, n) for m, s, a, f, n in rows}
+
+    def record_deliveries(
+        self,
+        message_key: str,
+        message_id: str | None,
+        lists: Iterable[str],
+        deliveries: Iterable[Delivery],
+    ) -> None:
+        now = time.time()
+        joined = ",".join(lists)
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO deliveries (message_key, member, address, status, code, reply, "
+                "attempts, first_try, next_try, updated, lists, message_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (message_key, member) DO UPDATE SET status = excluded.status, "
+                "code = excluded.code, reply = excluded.reply, attempts = attempts + 1, "
+                "next_try = excluded.next_try, updated = excluded.updated",
+                [
+                    (
+                        message_key,
+                        d.member,
+                        d.address,
+                        d.status.value,
+                        d.code,
+                        d.reply[:1000],
+                        now,
+                        d.next_try,
+                        now,
+                        joined,
+                        message_id,
+                    )
+                    for d in deliveries
+                ],
+            )
+
+    def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]:
+        rows = self._db.execute(
+            "SELECT uid FROM skipped WHERE mailbox = ? AND fingerprint = ?", (mailbox, fingerprint)
+        )
+        return {uid for (uid,) in rows}
+
+    def record_skipped(
+        self, mailbox: str, fingerprint: str, uid: int, reason: str, message_id: str | None
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO skipped (mailbox, uid, fingerprint, reason, message_id, "
+                "seen) VALUES (?, ?, ?, ?, ?, ?)",
+                (mailbox, uid, fingerprint, reason, message_id, time.time()),
+            )
+
+    def record_cycle(self, cycle: CycleRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO cycles (started, finished, outcome, messages, forwarded, delivered, "
+                "deferred, failed, skipped, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cycle.started,
+                    cycle.finished,
+                    cycle.outcome,
+                    cycle.messages,
+                    cycle.forwarded,
+                    cycle.delivered,
+                    cycle.deferred,
+                    cycle.failed,
+                    cycle.skipped,
+                    cycle.error,
+                ),
+            )
+            db.execute("DELETE FROM cycles WHERE id <= (SELECT MAX(id) - 1000 FROM cycles)")
+
+    def close(self) -> None:
+        self._db.close()

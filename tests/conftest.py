@@ -1,0 +1,105 @@
+"""Shared fixtures: real Dovecot and SMTP servers (tests/servers.py), settings for them."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from forwarder.config import Settings, load_settings
+from forwarder.cycle import CycleSummary, Forwarder
+from forwarder.state import SqliteStateStore
+
+if TYPE_CHECKING:
+    from tests.servers import MailServer, SmtpSink
+
+pytest_plugins = ["tests.servers"]  # the real-server fixtures
+
+LISTS: dict[str, list[str]] = {
+    "contact@example.org": ["alice@example.org", "bob@example.org"],
+    "compta@example.org": ["bob@example.org", "carol@example.org"],
+    "direction@example.org": ["dave@example.org"],
+}
+ADMIN = "lists-admin@example.org"
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No FORWARDER_* variable or .env file of the developer leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("FORWARDER_") or name in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def server_env(mailbox: MailServer, smtp: SmtpSink, state_db: Path) -> dict[str, str]:
+    """FORWARDER_* variables pointing at the test servers (for subprocess tests)."""
+    return {
+        "FORWARDER_IMAP_HOST": mailbox.host,
+        "FORWARDER_IMAP_PORT": str(mailbox.imap_port),
+        "FORWARDER_IMAP_SECURITY": "none",
+        "FORWARDER_IMAP_USERNAME": mailbox.username,
+        "FORWARDER_IMAP_PASSWORD": mailbox.password,
+        "FORWARDER_SMTP_HOST": smtp.host,
+        "FORWARDER_SMTP_PORT": str(smtp.port),
+        "FORWARDER_SMTP_SECURITY": "none",
+        "FORWARDER_LISTS": json.dumps(LISTS),
+        "FORWARDER_ENVELOPE_SENDER": ADMIN,
+        "FORWARDER_STATE_DB": str(state_db),
+        "FORWARDER_LOG_FORMAT": "json",
+    }
+
+
+@pytest.fixture
+def make_settings(mailbox: MailServer, smtp_sink: SmtpSink, tmp_path: Path) -> MakeSettings:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "_env_file": None,
+            "imap_host": mailbox.host,
+            "imap_port": mailbox.imap_port,
+            "imap_security": "none",
+            "imap_username": mailbox.username,
+            "imap_password": mailbox.password,
+            "smtp_host": smtp_sink.host,
+            "smtp_port": smtp_sink.port,
+            "smtp_security": "none",
+            "lists": LISTS,
+            "envelope_sender": ADMIN,
+            "state_db": tmp_path / "state.db",
+        }
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: MakeSettings) -> Settings:
+    return make_settings()
+
+
+async def forward_once(settings: Settings, now: float | None = None) -> CycleSummary:
+    """One poll cycle with a fresh Forwarder, as `forwarder once` does."""
+    store = SqliteStateStore(settings.state_db)
+    kwargs = {"clock": lambda: now} if now is not None else {}
+    forwarder = Forwarder(settings, store, **kwargs)  # type: ignore[arg-type]
+    try:
+        return await forwarder.run_cycle()
+    finally:
+        await forwarder.close()
+        store.close()
+
+
+@pytest.fixture
+def env_for_subprocess(
+    mailbox: MailServer, smtp_sink: SmtpSink, tmp_path: Path
+) -> Iterator[dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    env.update(server_env(mailbox, smtp_sink, tmp_path / "state.db"))
+    yield env
