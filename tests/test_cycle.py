@@ -50,8 +50,10 @@ async def test_message_to_a_list_reaches_every_member(
 async def test_forwarded_bytes_are_the_fetched_bytes_with_only_lines_on_top(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    mailbox.deliver(build_message(body=b"Line one\r\n.starts with a dot\r\n\r\nend\r\n"),
-                    ["contact@example.org"])
+    mailbox.deliver(
+        build_message(body=b"Line one\r\n.starts with a dot\r\n\r\nend\r\n"),
+        ["contact@example.org"],
+    )
     [(_, _, original)] = mailbox.messages()
     await forward_once(settings)
     lines = added_header_lines(smtp_sink.received[0].data, original)
@@ -102,8 +104,9 @@ async def test_bcc_list_is_found_through_the_received_for_clause(
 async def test_bcc_list_is_found_through_x_original_to(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    raw = build_message(to="someone@elsewhere.example",
-                        extra=["X-Original-To: direction@example.org"])
+    raw = build_message(
+        to="someone@elsewhere.example", extra=["X-Original-To: direction@example.org"]
+    )
     mailbox.deliver(raw, ["catchall@example.org", "other@example.org"])  # no `for` clause
     await forward_once(settings)
     # Two copies in the catch-all, one delivery.
@@ -118,7 +121,10 @@ async def test_two_copies_for_two_lists_reach_each_member_once(
     assert len(mailbox.messages()) == 2
     await forward_once(settings)
     assert delivered(smtp_sink) == {
-        "alice@example.org": 1, "bob@example.org": 1, "carol@example.org": 1}
+        "alice@example.org": 1,
+        "bob@example.org": 1,
+        "carol@example.org": 1,
+    }
     assert all(FORWARDED in flags for _, flags, _ in mailbox.messages())
 
 
@@ -130,7 +136,10 @@ async def test_copies_with_their_own_envelope_headers_reach_each_member_once(
     mailbox.deliver(b"X-Original-To: compta@example.org\r\n" + body, ["compta@example.org"])
     await forward_once(settings)
     assert delivered(smtp_sink) == {
-        "alice@example.org": 1, "bob@example.org": 1, "carol@example.org": 1}
+        "alice@example.org": 1,
+        "bob@example.org": 1,
+        "carol@example.org": 1,
+    }
 
 
 async def test_copies_without_message_id_are_deduplicated(
@@ -140,7 +149,10 @@ async def test_copies_without_message_id_are_deduplicated(
     mailbox.deliver(raw, ["contact@example.org", "compta@example.org"])
     await forward_once(settings)
     assert delivered(smtp_sink) == {
-        "alice@example.org": 1, "bob@example.org": 1, "carol@example.org": 1}
+        "alice@example.org": 1,
+        "bob@example.org": 1,
+        "carol@example.org": 1,
+    }
 
 
 async def test_plus_address_and_case_reach_the_list(
@@ -154,8 +166,9 @@ async def test_plus_address_and_case_reach_the_list(
 async def test_members_already_in_to_or_cc_and_the_sender_are_left_out(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    raw = build_message(to="compta@example.org", cc="Bob <BOB@example.org>",
-                        sender="carol@example.org")
+    raw = build_message(
+        to="compta@example.org", cc="Bob <BOB@example.org>", sender="carol@example.org"
+    )
     mailbox.deliver(raw, ["compta@example.org"])
     await forward_once(settings)
     assert smtp_sink.received == []
@@ -176,8 +189,10 @@ async def test_message_with_our_loop_marker_is_not_forwarded(
 async def test_message_with_more_than_50_received_headers_is_not_forwarded(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    hops = [f"Received: from hop{i}.example by hop{i + 1}.example; Tue, 24 Nov 2026 10:00:00 +0000"
-            for i in range(50)]
+    hops = [
+        f"Received: from hop{i}.example by hop{i + 1}.example; Tue, 24 Nov 2026 10:00:00 +0000"
+        for i in range(50)
+    ]
     mailbox.deliver(build_message(extra=hops), ["contact@example.org"])  # LMTP adds the 51st
     await forward_once(settings)
     assert smtp_sink.received == []
@@ -211,8 +226,9 @@ async def test_unmatched_message_is_looked_at_again_when_the_lists_change(
 async def test_8bit_utf8_headers_and_body_pass_byte_exact(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    raw = build_message(subject="Réunion à 14h — café ☕",
-                        body="Bonjour, voilà le compte-rendu: ÉÀÇ ✓\r\n".encode())
+    raw = build_message(
+        subject="Réunion à 14h — café ☕", body="Bonjour, voilà le compte-rendu: ÉÀÇ ✓\r\n".encode()
+    )
     raw = raw.replace(b"From: Customer", "From: Zoé Müller".encode())
     mailbox.deliver(raw, ["contact@example.org"])
     [(_, _, original)] = mailbox.messages()
@@ -223,10 +239,12 @@ async def test_8bit_utf8_headers_and_body_pass_byte_exact(
 
 def _rsa_key(tmp: Path) -> tuple[bytes, bytes]:
     key = tmp / "dkim.pem"
-    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True,
-                   capture_output=True)
-    public = subprocess.run(["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
-                            check=True, capture_output=True).stdout
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(key), "-pubout", "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
     import base64
 
     return key.read_bytes(), base64.b64encode(public)
@@ -237,8 +255,13 @@ async def test_dkim_signature_still_verifies_at_the_receiver(
 ) -> None:
     private, public = _rsa_key(tmp_path)
     unsigned = build_message(subject="Signé", body="Corps signé, accentué.\r\n".encode())
-    signature = dkim.sign(unsigned, b"sel", b"remote.example", private,
-                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    signature = dkim.sign(
+        unsigned,
+        b"sel",
+        b"remote.example",
+        private,
+        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+    )
     mailbox.deliver(signature + unsigned, ["contact@example.org"])
     await forward_once(settings)
 
