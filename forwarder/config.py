@@ -66,9 +66,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     tls_ca_file: Path | None = None
-    fetch_batch_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    fetch_batch_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     fetch_batch_messages: int = Field(default=200, ge=1)
     retry_for: float = Field(default=5 * 24 * 3600.0, gt=0)
+    state_retention: float = Field(default=90 * 24 * 3600.0, gt=0)
+    smtp_connections: int = Field(default=4, ge=1, le=32)
     smtp_timeout: float = Field(default=600.0, gt=0)
     imap_timeout: float = Field(default=120.0, gt=0)
 

@@ -1,8 +1,11 @@
 """The poll cycle: fetch what is not yet forwarded, route it, send it, record it, mark it.
 
-Order of durability: a member's result is committed to the state store right
-after the server's reply; the source message gets `$Forwarded` only once every
-member's result is final (delivered or failed), and only after the commit.
+Durability comes first: the deliveries about to be attempted are committed as
+`pending` before anything is sent; each server reply is committed (group commit)
+before its message goes on; the source message gets `$Forwarded` only once every
+member's result is final, and only after that commit. Speed comes from batched
+fetches, several SMTP transactions in flight and shared commits, never from
+skipping a step.
 """
 
 from __future__ import annotations
@@ -13,23 +16,36 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from forwarder.addresses import normalize
+from forwarder.committer import GroupCommitter
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError
 from forwarder.headers import message_id, message_key, parse_headers, split_message
-from forwarder.imap_source import FORWARD_FAILED, FORWARDED, SEEN, ImapSource
+from forwarder.imap_source import FORWARD_FAILED, FORWARDED, QUARANTINE, SEEN, ImapSource
 from forwarder.retry import classify
 from forwarder.routing import Route, route
-from forwarder.smtp_relay import SmtpRelay
-from forwarder.state import CycleRecord, MemberState, StateStore, Status
+from forwarder.smtp_relay import SmtpPool
+from forwarder.state import (
+    CycleRecord,
+    Delivery,
+    MemberState,
+    MessageResult,
+    Skipped,
+    StateStore,
+    Status,
+)
 
 log = structlog.get_logger("forwarder.cycle")
+T = TypeVar("T")
+MAX_RCPT = 100  # recipients per SMTP transaction (RFC 5321 4.5.3.1.8 minimum a server accepts)
+PRUNE_EVERY = 24 * 3600.0
 
 
 @dataclass
@@ -40,7 +56,7 @@ class CycleSummary:
     deferred: int = 0
     failed: int = 0
     skipped: int = 0  # unmatched, loops, too many hops
-    errors: int = 0  # messages left in place because of an unexpected error
+    quarantined: int = 0  # left in place with $ForwarderQuarantine
     started: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, int]:
@@ -48,13 +64,26 @@ class CycleSummary:
 
 
 @dataclass
+class _Message:
+    uid: int
+    raw: bytes
+    ident: str | None
+    route: Route
+    key: str
+    started: float = field(default_factory=time.monotonic)
+    sent: int = 0
+    interrupted: int = 0
+
+
+@dataclass
 class _Marks:
     forwarded: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    quarantined: list[int] = field(default_factory=list)
 
 
 class Forwarder:
-    """Owns the IMAP source, the SMTP relay and the state store for a run."""
+    """Owns the IMAP source, the SMTP connections and the state store for a run."""
 
     def __init__(
         self, settings: Settings, store: StateStore, *, clock: Callable[[], float] = time.time
@@ -67,33 +96,43 @@ class Forwarder:
             json.dumps(sorted(self.lists.items())).encode()
         ).hexdigest()[:16]
         self.source = ImapSource(settings)
-        self.relay = SmtpRelay(settings)
+        self.smtp = SmtpPool(settings, settings.smtp_connections)
+        self.committer = GroupCommitter(store)
         self.hostname = socket.gethostname()
-        self.stopping = False  # set by the daemon: finish the message in flight, then stop
+        self.stopping = False  # set by the daemon: finish the messages in flight, then stop
+        self._imap_lock = asyncio.Lock()
+        self._last_prune = 0.0
+
+    async def _imap(self, call: Callable[..., T], *args: Any) -> T:
+        """imapclient blocks: run it in a thread, one command at a time."""
+        async with self._imap_lock:
+            return await asyncio.to_thread(call, *args)
 
     async def connect(self) -> None:
         """Log in to both servers (or check that the existing sessions are alive)."""
         if self.source.connected:
             try:
-                await asyncio.to_thread(self.source.noop)
+                await self._imap(self.source.noop)
             except ForwarderError:
                 self.source.drop()
         if not self.source.connected:
-            await asyncio.to_thread(self.source.connect)
-        if not self.relay.connected:
-            await self.relay.connect()
+            await self._imap(self.source.connect)
+        await self.smtp.connect()
 
     async def close(self) -> None:
-        await self.relay.close()
-        await asyncio.to_thread(self.source.close)
+        await self.smtp.close()
+        await self._imap(self.source.close)
 
     async def run_cycle(self) -> CycleSummary:
         """One poll cycle. Raises ForwarderError if a server or the store fails mid-way."""
         summary = CycleSummary()
         error: str | None = None
         try:
+            if saved := await self.committer.flush_unsaved():
+                log.info("state_store_recovered", results_written=saved)
             await self.connect()
             await self._cycle(summary)
+            self._prune()
         except ForwarderError as exc:
             error = str(exc)
             raise
@@ -107,7 +146,7 @@ class Forwarder:
                 error=error,
                 **summary.as_dict(),
             )
-            try:
+            with suppress(ForwarderError):
                 self.store.record_cycle(
                     CycleRecord(
                         summary.started,
@@ -122,138 +161,244 @@ class Forwarder:
                         error,
                     )
                 )
-            except ForwarderError as exc:
-                log.error("state_store_error", error=str(exc))
         return summary
 
+    def _prune(self) -> None:
+        now = self.clock()
+        if now - self._last_prune >= PRUNE_EVERY:
+            self._last_prune = now
+            if removed := self.store.prune(now - self.settings.state_retention):
+                log.info("state_pruned", deliveries_removed=removed)
+
     async def _cycle(self, summary: CycleSummary) -> None:
-        uids = await asyncio.to_thread(self.source.unforwarded_uids)
+        uids = await self._imap(self.source.unforwarded_uids)
         mailbox = self.source.mailbox_id
         known = self.store.skipped_uids(mailbox, self.fingerprint)
         candidates = [uid for uid in uids if uid not in known]
         if not candidates:
             return
-        sizes = await asyncio.to_thread(self.source.sizes, candidates)
-        for batch in _batches(
-            candidates, sizes, self.settings.fetch_batch_bytes, self.settings.fetch_batch_messages
-        ):
-            fetched = await asyncio.to_thread(self.source.fetch, batch)
-            marks = _Marks()
+        sizes = await self._imap(self.source.sizes, candidates)
+        s = self.settings
+        batches = list(_batches(candidates, sizes, s.fetch_batch_bytes, s.fetch_batch_messages))
+        if not batches:
+            return
+        # The next batch is fetched while this one is being sent.
+        fetch: asyncio.Task[dict[int, bytes]] | None = asyncio.create_task(
+            self._imap(self.source.fetch, batches[0])
+        )
+        try:
+            for index, batch in enumerate(batches):
+                assert fetch is not None
+                fetched, fetch = await fetch, None
+                if index + 1 < len(batches) and not self.stopping:
+                    fetch = asyncio.create_task(self._imap(self.source.fetch, batches[index + 1]))
+                items = [(uid, fetched[uid]) for uid in batch if uid in fetched]
+                await self._batch(items, mailbox, summary)
+                if self.stopping:
+                    return
+        finally:
+            if fetch is not None:
+                with suppress(ForwarderError):
+                    await fetch
+
+    async def _batch(
+        self, items: list[tuple[int, bytes]], mailbox: str, summary: CycleSummary
+    ) -> None:
+        marks = _Marks()
+        messages: list[_Message] = []
+        skipped: list[Skipped] = []
+        for uid, raw in items:
+            summary.messages += 1
             try:
-                for uid in batch:
-                    if self.stopping:
-                        break
-                    raw = fetched.get(uid)
-                    if raw is not None:  # None: expunged since the search
-                        await self._process(uid, raw, mailbox, summary, marks)
-            finally:
-                await self._mark(marks)
+                message = self._prepare(uid, raw)
+            except Exception as exc:  # hostile input never stops the cycle
+                self._quarantine(uid, raw, exc, marks)
+                continue
+            if message.route.skip is not None:
+                reason = message.route.skip.value
+                skipped.append(Skipped(mailbox, self.fingerprint, uid, reason, message.ident))
+                log.info(
+                    "message_skipped",
+                    uid=uid,
+                    message_id=message.ident,
+                    reason=reason,
+                    size=len(raw),
+                )
+                continue
+            messages.append(message)
+        summary.skipped += len(skipped)
+        try:
+            if skipped:
+                self.store.record_skipped(skipped)
+            if messages:
+                await self._send_all(messages, summary, marks)
+        finally:
+            await self._mark(marks)
             summary.forwarded += len(marks.forwarded) + len(marks.failed)
-            if self.stopping:
-                return
+            summary.quarantined += len(marks.quarantined)
+
+    def _prepare(self, uid: int, raw: bytes) -> _Message:
+        if not raw.strip():
+            raise ValueError("empty message")
+        header_block, body = split_message(raw)
+        headers = parse_headers(header_block)
+        decision = route(headers, self.lists)
+        key = message_key(header_block, headers, body) if decision.skip is None else ""
+        return _Message(uid, raw, message_id(headers), decision, key)
+
+    async def _send_all(
+        self, messages: list[_Message], summary: CycleSummary, marks: _Marks
+    ) -> None:
+        """Send a batch: copies of one message in turn, different messages concurrently."""
+        groups: dict[str, list[_Message]] = {}
+        for message in messages:
+            groups.setdefault(message.key, []).append(message)
+        states = self.store.member_states(list(groups))
+        now = self.clock()
+        pending = [r for copies in groups.values() if (r := _pending(copies, states, now))]
+        if pending:
+            await asyncio.to_thread(self.store.record_pending, pending)
+        outcomes = await asyncio.gather(
+            *(
+                self._send_copies(copies, states[key], now, summary, marks)
+                for key, copies in groups.items()
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _send_copies(
+        self,
+        copies: list[_Message],
+        states: dict[str, MemberState],
+        now: float,
+        summary: CycleSummary,
+        marks: _Marks,
+    ) -> None:
+        for message in copies:
+            with structlog.contextvars.bound_contextvars(uid=message.uid, message_id=message.ident):
+                try:
+                    await self._send(message, states, now, summary)
+                except ForwarderError:
+                    raise
+                except Exception as exc:
+                    self._quarantine(message.uid, message.raw, exc, marks)
+                    continue
+                self._finish(message, states, marks)
+
+    async def _send(
+        self,
+        message: _Message,
+        states: dict[str, MemberState],
+        now: float,
+        summary: CycleSummary,
+    ) -> None:
+        due = [a for a in message.route.recipients if _due(states.get(normalize(a)), now)]
+        message.interrupted = sum(
+            1 for a in due if (s := states.get(normalize(a))) and s.status is Status.PENDING
+        )
+        data = self._trace(message.route) + message.raw
+        for start in range(0, len(due), MAX_RCPT):
+            chunk = due[start : start + MAX_RCPT]
+            async with self.smtp.session() as relay:
+                replies = await relay.send(self.settings.envelope_from, chunk, data)
+            deliveries = tuple(
+                classify(
+                    normalize(a),
+                    a,
+                    replies[a],
+                    states.get(normalize(a)),
+                    now,
+                    self.settings.retry_for,
+                )
+                for a in chunk
+            )
+            await self.committer.commit(
+                MessageResult(message.key, message.ident, message.route.lists, deliveries)
+            )
+            for d in deliveries:
+                previous = states.get(d.member)
+                states[d.member] = MemberState(
+                    d.status,
+                    (previous.attempts if previous else 0) + 1,
+                    previous.first_try if previous else now,
+                    d.next_try,
+                )
+                self._count(d, message, summary)
+
+    def _count(self, d: Delivery, message: _Message, summary: CycleSummary) -> None:
+        if d.status is Status.DELIVERED:
+            summary.delivered += 1
+            message.sent += 1
+        elif d.status is Status.DEFERRED:
+            summary.deferred += 1
+            log.warning(
+                "delivery_deferred",
+                uid=message.uid,
+                message_id=message.ident,
+                member=d.address,
+                code=d.code,
+                reply=d.reply,
+                next_try=d.next_try,
+            )
+        else:
+            summary.failed += 1
+            log.error(
+                "delivery_failed",
+                uid=message.uid,
+                message_id=message.ident,
+                member=d.address,
+                code=d.code,
+                reply=d.reply,
+            )
+
+    def _finish(self, message: _Message, states: dict[str, MemberState], marks: _Marks) -> None:
+        recipients = message.route.recipients
+        pending = [
+            a for a in recipients if not (s := states.get(normalize(a))) or not s.status.final
+        ]
+        failed = [
+            a for a in recipients if (s := states.get(normalize(a))) and s.status is Status.FAILED
+        ]
+        outcome = "deferred" if pending else ("failed" if failed else "forwarded")
+        if not pending:
+            (marks.failed if failed else marks.forwarded).append(message.uid)
+        log.info(
+            "message_" + outcome,
+            uid=message.uid,
+            message_id=message.ident,
+            lists=list(message.route.lists),
+            matched_by=message.route.matched_by,
+            recipients=len(recipients),
+            sent=message.sent,
+            deferred=len(pending),
+            failed=len(failed),
+            duplicate=message.sent == 0 and bool(recipients),
+            interrupted=message.interrupted,
+            size=len(message.raw),
+            duration_ms=round((time.monotonic() - message.started) * 1000),
+        )
+
+    def _quarantine(self, uid: int, raw: bytes, exc: Exception, marks: _Marks) -> None:
+        marks.quarantined.append(uid)
+        log.error(
+            "message_quarantined",
+            uid=uid,
+            reason=str(exc) or type(exc).__name__,
+            error_type=type(exc).__name__,
+            size=len(raw),
+            exc_info=not isinstance(exc, ValueError),
+        )
 
     async def _mark(self, marks: _Marks) -> None:
         if marks.forwarded:
-            await asyncio.to_thread(self.source.mark, marks.forwarded, [FORWARDED, SEEN])
+            await self._imap(self.source.mark, marks.forwarded, [FORWARDED, SEEN])
         if marks.failed:
-            await asyncio.to_thread(
-                self.source.mark, marks.failed, [FORWARDED, FORWARD_FAILED, SEEN]
-            )
-
-    async def _process(
-        self, uid: int, raw: bytes, mailbox: str, summary: CycleSummary, marks: _Marks
-    ) -> None:
-        started = time.monotonic()
-        summary.messages += 1
-        header_block, body = split_message(raw)
-        headers = parse_headers(header_block)
-        ident = message_id(headers)
-        # Bound on the logger for our own events, and as context for any library log line.
-        mlog = log.bind(uid=uid, message_id=ident)
-        with structlog.contextvars.bound_contextvars(uid=uid, message_id=ident):
-            decision = route(headers, self.lists)
-            if decision.skip is not None:
-                self.store.record_skipped(mailbox, self.fingerprint, uid, decision.skip, ident)
-                summary.skipped += 1
-                mlog.info("message_skipped", reason=decision.skip.value, size=len(raw))
-                return
-            key = message_key(header_block, headers, body)
-            states = self.store.member_states(key)
-            sent = await self._deliver(decision, key, ident, raw, states, summary, mlog)
-            pending = [
-                m
-                for m in decision.recipients
-                if not (s := states.get(normalize(m))) or not s.status.final
-            ]
-            failed = [
-                m
-                for m in decision.recipients
-                if (s := states.get(normalize(m))) and s.status is Status.FAILED
-            ]
-            outcome = "deferred" if pending else ("failed" if failed else "forwarded")
-            if not pending:
-                (marks.failed if failed else marks.forwarded).append(uid)
-            mlog.info(
-                "message_" + outcome,
-                lists=list(decision.lists),
-                matched_by=decision.matched_by,
-                recipients=len(decision.recipients),
-                sent=sent,
-                deferred=len(pending),
-                failed=len(failed),
-                duplicate=sent == 0 and bool(decision.recipients),
-                size=len(raw),
-                duration_ms=round((time.monotonic() - started) * 1000),
-            )
-
-    async def _deliver(
-        self,
-        decision: Route,
-        key: str,
-        ident: str | None,
-        raw: bytes,
-        states: dict[str, MemberState],
-        summary: CycleSummary,
-        mlog: Any,
-    ) -> int:
-        """Send to the members still due; commit their results; update `states` in place."""
-        now = self.clock()
-        due = [m for m in decision.recipients if _due(states.get(normalize(m)), now)]
-        if not due:
-            return 0
-        replies = await self.relay.send(
-            self.settings.envelope_from, due, self._trace(decision) + raw
-        )
-        deliveries = [
-            classify(
-                normalize(m), m, replies[m], states.get(normalize(m)), now, self.settings.retry_for
-            )
-            for m in due
-        ]
-        self.store.record_deliveries(key, ident, decision.lists, deliveries)
-        for d in deliveries:
-            previous = states.get(d.member)
-            states[d.member] = MemberState(
-                d.status,
-                (previous.attempts if previous else 0) + 1,
-                previous.first_try if previous else now,
-                d.next_try,
-            )
-            if d.status is Status.DELIVERED:
-                summary.delivered += 1
-            elif d.status is Status.DEFERRED:
-                summary.deferred += 1
-                log.warning(
-                    "delivery_deferred",
-                    member=d.address,
-                    code=d.code,
-                    reply=d.reply,
-                    next_try=d.next_try,
-                )
-            else:
-                summary.failed += 1
-                mlog.error("delivery_failed", member=d.address, code=d.code, reply=d.reply)
-        return sum(d.status is Status.DELIVERED for d in deliveries)
+            await self._imap(self.source.mark, marks.failed, [FORWARDED, FORWARD_FAILED, SEEN])
+        if marks.quarantined:
+            await self._imap(self.source.mark, marks.quarantined, [QUARANTINE])
 
     def _trace(self, decision: Route) -> bytes:
         """The only bytes added to a message: trace and loop lines on top."""
@@ -263,9 +408,25 @@ class Forwarder:
 
 
 def _due(state: MemberState | None, now: float) -> bool:
-    if state is None:
+    if state is None or state.status is Status.PENDING:
         return True
     return state.status is Status.DEFERRED and (state.next_try or 0) <= now
+
+
+def _pending(
+    copies: list[_Message], states: dict[str, dict[str, MemberState]], now: float
+) -> MessageResult | None:
+    """The deliveries about to be attempted for one message key, to commit before sending."""
+    first = copies[0]
+    due: dict[str, str] = {}
+    for message in copies:
+        for address in message.route.recipients:
+            if _due(states[first.key].get(normalize(address)), now):
+                due.setdefault(normalize(address), address)
+    if not due:
+        return None
+    deliveries = tuple(Delivery(m, a, Status.PENDING) for m, a in due.items())
+    return MessageResult(first.key, first.ident, first.route.lists, deliveries)
 
 
 def _batches(

@@ -1,8 +1,16 @@
-"""`forwarder run`: an APScheduler poll job, one cycle at a time, clean stop on SIGTERM/SIGINT."""
+"""`forwarder run`: the service.
+
+One task runs the poll cycles, one at a time. It is woken by the APScheduler
+poll job (every FORWARDER_POLL_INTERVAL seconds: the safety net and the clock of
+deferred retries), by the IMAP IDLE watcher as soon as new mail arrives, and by
+its own backoff after a failure. SIGTERM/SIGINT finish the messages in flight,
+commit, log a summary and exit 0. systemd is told READY, WATCHDOG, STATUS, STOPPING.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from datetime import UTC, datetime
 
@@ -12,10 +20,84 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from forwarder.config import Settings
 from forwarder.cycle import CycleSummary, Forwarder
 from forwarder.errors import EXIT_OK, AuthError, ForwarderError, KeywordsNotSupported
+from forwarder.idle import IdleWatcher
+from forwarder.notify import Notifier
 from forwarder.service import report
 from forwarder.state import SqliteStateStore
 
 log = structlog.get_logger("forwarder.daemon")
+STOP_GRACE = 8.0  # seconds to finish the messages in flight (systemd waits 15)
+MAX_BACKOFF = 300.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, store: SqliteStateStore) -> None:
+        self.settings = settings
+        self.forwarder = Forwarder(settings, store)
+        self.notifier = Notifier.from_env()
+        self.wake = asyncio.Event()
+        self.stop = asyncio.Event()
+        self.totals = CycleSummary()
+        self.fatal: ForwarderError | None = None
+        self.ready = False
+
+    def request_stop(self, signame: str) -> None:
+        log.info("stop_requested", signal=signame)
+        self.forwarder.stopping = True
+        self.stop.set()
+        self.wake.set()
+
+    async def poll_job(self) -> None:
+        self.wake.set()
+
+    async def run_cycles(self) -> None:
+        failures = 0
+        while not self.stop.is_set():
+            await self.wake.wait()
+            self.wake.clear()
+            if self.stop.is_set():
+                return
+            try:
+                summary = await self.forwarder.run_cycle()
+            except (AuthError, KeywordsNotSupported) as exc:
+                self.fatal = exc  # does not heal by waiting
+                self.stop.set()
+                return
+            except ForwarderError as exc:
+                failures += 1
+                delay = min(2.0**failures, MAX_BACKOFF, self.settings.poll_interval)
+                log.error("cycle_failed", error=str(exc), retry_in=delay)
+                self.notifier.status(f"last cycle failed, retrying in {delay:.0f}s: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                self.wake.set()
+                continue
+            failures = 0
+            self._after_cycle(summary)
+
+    def _after_cycle(self, summary: CycleSummary) -> None:
+        if not self.ready:
+            self.ready = True
+            self.notifier.ready()
+            log.info("ready", lists=len(self.forwarder.lists))
+        for name, value in summary.as_dict().items():
+            setattr(self.totals, name, getattr(self.totals, name) + value)
+        self.notifier.watchdog()
+        t = self.totals
+        self.notifier.status(
+            f"last cycle {datetime.now(UTC):%H:%M:%S}Z: {summary.forwarded} forwarded, "
+            f"{summary.deferred} deferred, {summary.failed} failed; since start: "
+            f"{t.forwarded} forwarded, {t.deferred} deferred, {t.failed} failed"
+        )
+
+    async def watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while not self.stop.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
 
 
 async def run_daemon(settings: Settings) -> int:
@@ -23,40 +105,13 @@ async def run_daemon(settings: Settings) -> int:
         store = SqliteStateStore(settings.state_db)
     except ForwarderError as exc:
         return report(exc, "state_store_error")
-    forwarder = Forwarder(settings, store)
-    stop = asyncio.Event()
-    busy = asyncio.Lock()
-    totals = CycleSummary()
-    fatal: list[ForwarderError] = []
-
-    def request_stop(signame: str) -> None:
-        log.info("stop_requested", signal=signame)
-        forwarder.stopping = True
-        stop.set()
-
+    daemon = Daemon(settings, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop, sig.name)
-
-    async def poll() -> None:
-        if busy.locked() or stop.is_set():
-            return
-        async with busy:
-            try:
-                summary = await forwarder.run_cycle()
-            except (AuthError, KeywordsNotSupported) as exc:
-                fatal.append(exc)  # does not heal by waiting
-                stop.set()
-                return
-            except ForwarderError as exc:
-                log.error("cycle_failed", error=str(exc), retry_in=settings.poll_interval)
-                return
-            for name, value in summary.as_dict().items():
-                setattr(totals, name, getattr(totals, name) + value)
-
+        loop.add_signal_handler(sig, daemon.request_stop, sig.name)
     scheduler = AsyncIOScheduler(event_loop=loop)
     scheduler.add_job(
-        poll,
+        daemon.poll_job,
         "interval",
         seconds=settings.poll_interval,
         id="poll",
@@ -65,18 +120,35 @@ async def run_daemon(settings: Settings) -> int:
         coalesce=True,
         misfire_grace_time=None,
     )
+    def wake_from_thread() -> None:
+        loop.call_soon_threadsafe(daemon.wake.set)
+
+    idle = IdleWatcher(settings, wake_from_thread)
+    log.info("started", lists=len(daemon.forwarder.lists), poll_interval=settings.poll_interval)
     scheduler.start()
-    log.info("started", lists=len(forwarder.lists), poll_interval=settings.poll_interval)
+    idle.start()
+    runner = asyncio.create_task(daemon.run_cycles())
+    watchdog = asyncio.create_task(daemon.watchdog())
     try:
-        await stop.wait()
+        await daemon.stop.wait()
     finally:
+        daemon.notifier.stopping()
+        daemon.forwarder.stopping = True
         scheduler.shutdown(wait=False)
-        async with busy:  # the message in flight is finished and committed
-            await forwarder.close()
-            store.close()
+        try:  # the messages in flight are finished and committed
+            await asyncio.wait_for(asyncio.shield(runner), STOP_GRACE)
+        except TimeoutError:
+            runner.cancel()  # unmarked messages are simply looked at again next time
+            log.warning("stop_timeout", grace_seconds=STOP_GRACE)
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+        watchdog.cancel()
+        await asyncio.to_thread(idle.stop)
+        await daemon.forwarder.close()
+        store.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    log.info("stopped", **totals.as_dict())
-    if fatal:
-        return report(fatal[0], "fatal_error")
+    log.info("stopped", **daemon.totals.as_dict())
+    if daemon.fatal is not None:
+        return report(daemon.fatal, "fatal_error")
     return EXIT_OK

@@ -24,6 +24,7 @@ from forwarder.tls import tls_context
 
 FORWARDED = b"$Forwarded"
 FORWARD_FAILED = b"$ForwardFailed"
+QUARANTINE = b"$ForwarderQuarantine"
 SEEN = b"\\Seen"
 _UID_CHUNK = 1000
 
@@ -150,9 +151,10 @@ class ImapSource:
 
     @_wrap_errors
     def unforwarded_uids(self) -> list[int]:
-        """UIDs of the messages without `$Forwarded`, oldest first."""
+        """UIDs of the messages without `$Forwarded` nor `$ForwarderQuarantine`, oldest first."""
         assert self.client is not None
-        return sorted(int(u) for u in self.client.search(["UNKEYWORD", FORWARDED.decode()]))
+        criteria = ["UNKEYWORD", FORWARDED.decode(), "UNKEYWORD", QUARANTINE.decode()]
+        return sorted(int(u) for u in self.client.search(criteria))
 
     @_wrap_errors
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:

@@ -58,9 +58,9 @@ async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
             f"MOVE {'yes' if caps['move'] else 'no'}",
             file=out,
         )
-        smtp = forwarder.relay.describe_capabilities()
+        smtp = forwarder.smtp.describe_capabilities()
         print(
-            f"{forwarder.relay.server}: {'login' if settings.smtp_username else 'connection'} "
+            f"{forwarder.smtp.server}: {'login' if settings.smtp_username else 'connection'} "
             f"ok, size limit {smtp.get('size_limit') or 'none'}",
             file=out,
         )

@@ -7,7 +7,9 @@ records nothing for that message and tries again on the next cycle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -86,26 +88,13 @@ class SmtpRelay:
         self, mail_from: str, recipients: Sequence[str], data: bytes
     ) -> dict[str, Reply]:
         """One transaction. Returns each recipient's reply; raises SmtpError if the link fails."""
-        if not self.connected:
-            await self.connect()
-        smtp = self._smtp
-        assert smtp is not None
         timeout = self.settings.smtp_timeout
-        limit = _size_limit(smtp)
-        if limit and len(data) > limit:
-            reply = Reply(552, f"message size {len(data)} exceeds the server's limit of {limit}")
-            return dict.fromkeys(recipients, reply)
         try:
-            try:
-                await smtp.mail(mail_from, options=_mail_options(smtp, data), timeout=timeout)
-            except SMTPSenderRefused as exc:
-                await self._reset()
-                if 400 <= exc.code < 500 or exc.code == 552:
-                    return dict.fromkeys(recipients, Reply(exc.code, exc.message))
-                raise SmtpError(
-                    f"{self.server} refused the envelope sender {mail_from} ({exc.code} "
-                    f"{exc.message}); check FORWARDER_ENVELOPE_SENDER"
-                ) from None
+            refused = await self._mail(mail_from, recipients, data)
+            if refused is not None:
+                return refused
+            smtp = self._smtp
+            assert smtp is not None
             replies: dict[str, Reply] = {}
             for rcpt in recipients:
                 try:
@@ -124,9 +113,48 @@ class SmtpRelay:
                 await self._reset()
             replies.update(dict.fromkeys(accepted, final))
             return replies
+        except SmtpError:
+            self.drop()
+            raise
         except (TimeoutError, SMTPServerDisconnected, SMTPException, OSError) as exc:
             self.drop()
             raise SmtpError(f"{self.server}: {_describe(exc)}") from None
+
+    async def _mail(
+        self, mail_from: str, recipients: Sequence[str], data: bytes
+    ) -> dict[str, Reply] | None:
+        """MAIL FROM, on a fresh connection if the reused one went stale (nothing sent yet).
+
+        Returns replies for every recipient when the transaction cannot start for this
+        message (too large, or refused with 4xx/552); None when it may go on.
+        """
+        for attempt in (1, 2):
+            if not self.connected:
+                await self.connect()
+            smtp = self._smtp
+            assert smtp is not None
+            limit = _size_limit(smtp)
+            if limit and len(data) > limit:
+                text = f"message size {len(data)} exceeds the server's limit of {limit}"
+                return dict.fromkeys(recipients, Reply(552, text))
+            try:
+                await smtp.mail(
+                    mail_from, options=_mail_options(smtp, data), timeout=self.settings.smtp_timeout
+                )
+                return None
+            except SMTPServerDisconnected:
+                self.drop()
+                if attempt == 2:
+                    raise
+            except SMTPSenderRefused as exc:
+                await self._reset()
+                if 400 <= exc.code < 500 or exc.code == 552:
+                    return dict.fromkeys(recipients, Reply(exc.code, exc.message))
+                raise SmtpError(
+                    f"{self.server} refused the envelope sender {mail_from} ({exc.code} "
+                    f"{exc.message}); check FORWARDER_ENVELOPE_SENDER"
+                ) from None
+        raise AssertionError("unreachable")
 
     async def _reset(self) -> None:
         if self._smtp is not None and self._smtp.is_connected:
@@ -157,6 +185,41 @@ class SmtpRelay:
             "8bitmime": smtp.supports_extension("8bitmime"),
             "smtputf8": smtp.supports_extension("smtputf8"),
         }
+
+
+class SmtpPool:
+    """A few reused connections, so that several transactions are in flight at once."""
+
+    def __init__(self, settings: Settings, size: int) -> None:
+        self.relays = [SmtpRelay(settings) for _ in range(size)]
+        self.server = self.relays[0].server
+        self._idle: asyncio.Queue[SmtpRelay] = asyncio.Queue()
+        for relay in self.relays:
+            self._idle.put_nowait(relay)
+
+    @property
+    def connected(self) -> bool:
+        return any(relay.connected for relay in self.relays)
+
+    async def connect(self) -> None:
+        """Open one connection (login checked); the others open when first needed."""
+        if not self.connected:
+            await self.relays[0].connect()
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[SmtpRelay]:
+        relay = await self._idle.get()
+        try:
+            yield relay
+        finally:
+            self._idle.put_nowait(relay)
+
+    async def close(self) -> None:
+        for relay in self.relays:
+            await relay.close()
+
+    def describe_capabilities(self) -> dict[str, object]:
+        return self.relays[0].describe_capabilities()
 
 
 def _size_limit(smtp: aiosmtplib.SMTP) -> int:

@@ -8,9 +8,10 @@ is the embedded default (WAL, synchronous=FULL: a result is on disk when
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -65,13 +66,14 @@ CREATE TABLE IF NOT EXISTS cycles (
 
 
 class Status(StrEnum):
+    PENDING = "pending"  # about to be sent; still pending after a crash = outcome unknown
     DELIVERED = "delivered"  # the server answered 250 after DATA
     DEFERRED = "deferred"  # 4xx: tried again later, until the retry deadline
     FAILED = "failed"  # 5xx, or deferred past the deadline: final
 
     @property
     def final(self) -> bool:
-        return self is not Status.DEFERRED
+        return self in (Status.DELIVERED, Status.FAILED)
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,30 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class MessageResult:
+    """Every delivery of one SMTP transaction, committed together."""
+
+    message_key: str
+    message_id: str | None
+    lists: tuple[str, ...]
+    deliveries: tuple[Delivery, ...]
+
+
+@dataclass(frozen=True)
 class MemberState:
     status: Status
     attempts: int
     first_try: float
     next_try: float | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    mailbox: str
+    fingerprint: str
+    uid: int
+    reason: str
+    message_id: str | None
 
 
 @dataclass(frozen=True)
@@ -109,32 +130,36 @@ class CycleRecord:
 
 
 class StateStore(Protocol):
-    def member_states(self, message_key: str) -> dict[str, MemberState]: ...
+    """What the poll cycle needs from a state store. Every write is durable on return."""
 
-    def record_deliveries(
-        self,
-        message_key: str,
-        message_id: str | None,
-        lists: Iterable[str],
-        deliveries: Iterable[Delivery],
-    ) -> None: ...
+    def member_states(self, keys: Sequence[str]) -> dict[str, dict[str, MemberState]]: ...
+
+    def record_pending(self, results: Sequence[MessageResult]) -> None: ...
+
+    def record_results(self, results: Sequence[MessageResult]) -> None: ...
 
     def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]: ...
 
-    def record_skipped(
-        self, mailbox: str, fingerprint: str, uid: int, reason: str, message_id: str | None
-    ) -> None: ...
+    def record_skipped(self, items: Sequence[Skipped]) -> None: ...
 
     def record_cycle(self, cycle: CycleRecord) -> None: ...
+
+    def prune(self, before: float) -> int: ...
 
     def close(self) -> None: ...
 
 
 class SqliteStateStore:
-    """SQLite state file. Every write is one committed transaction."""
+    """SQLite state file. Every write is one committed transaction.
+
+    Safe to call from the event loop and from worker threads: one lock serialises
+    the connection, and `record_results` is meant to run in a thread (its fsync
+    then overlaps with network I/O).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.RLock()
         if not path.parent.is_dir():
             raise StateError(
                 f"state store {path}: directory {path.parent} does not exist; create it or "
@@ -159,37 +184,56 @@ class SqliteStateStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock:
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StateError(
-                f"state store {self.path}: write failed ({exc}); nothing is sent "
-                "until it can be written again (check free space)"
-            ) from None
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                finally:
+                    if self._db.in_transaction:
+                        with suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise StateError(
+                    f"state store {self.path}: write failed ({exc}); nothing is sent "
+                    "until it can be written again (check free space)"
+                ) from None
 
-    def member_states(self, message_key: str) -> dict[str, MemberState]:
-        rows = self._db.execute(
-            "SELECT member, status, attempts, first_try, next_try FROM deliveries "
-            "WHERE message_key = ?",
-            (message_key,),
-        ).fetchall()
-        return {m: MemberState(Status(s), a, f, n) for m, s, a, f, n in rows}
+    def member_states(self, keys: Sequence[str]) -> dict[str, dict[str, MemberState]]:
+        found: dict[str, dict[str, MemberState]] = {key: {} for key in keys}
+        unique = list(found)
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT message_key, member, status, attempts, first_try, next_try "
+                    f"FROM deliveries WHERE message_key IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            for key, member, status, attempts, first_try, next_try in rows:
+                found[key][member] = MemberState(Status(status), attempts, first_try, next_try)
+        return found
 
-    def record_deliveries(
-        self,
-        message_key: str,
-        message_id: str | None,
-        lists: Iterable[str],
-        deliveries: Iterable[Delivery],
-    ) -> None:
+    def record_pending(self, results: Sequence[MessageResult]) -> None:
+        """Deliveries about to be attempted: new rows, or deferred ones now retried."""
         now = time.time()
-        joined = ",".join(lists)
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO deliveries (message_key, member, address, status, attempts, "
+                "first_try, updated, lists, message_id) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?, ?) "
+                "ON CONFLICT (message_key, member) DO UPDATE SET status = 'pending', "
+                "updated = excluded.updated WHERE status = 'deferred'",
+                [
+                    (r.message_key, d.member, d.address, now, now, ",".join(r.lists), r.message_id)
+                    for r in results
+                    for d in r.deliveries
+                ],
+            )
+
+    def record_results(self, results: Sequence[MessageResult]) -> None:
+        """The servers' replies, in one transaction (a group commit)."""
+        now = time.time()
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO deliveries (message_key, member, address, status, code, reply, "
@@ -200,7 +244,7 @@ class SqliteStateStore:
                 "next_try = excluded.next_try, updated = excluded.updated",
                 [
                     (
-                        message_key,
+                        r.message_key,
                         d.member,
                         d.address,
                         d.status.value,
@@ -209,28 +253,40 @@ class SqliteStateStore:
                         now,
                         d.next_try,
                         now,
-                        joined,
-                        message_id,
+                        ",".join(r.lists),
+                        r.message_id,
                     )
-                    for d in deliveries
+                    for r in results
+                    for d in r.deliveries
                 ],
             )
 
     def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]:
-        rows = self._db.execute(
-            "SELECT uid FROM skipped WHERE mailbox = ? AND fingerprint = ?", (mailbox, fingerprint)
-        )
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT uid FROM skipped WHERE mailbox = ? AND fingerprint = ?",
+                (mailbox, fingerprint),
+            ).fetchall()
         return {uid for (uid,) in rows}
 
-    def record_skipped(
-        self, mailbox: str, fingerprint: str, uid: int, reason: str, message_id: str | None
-    ) -> None:
+    def record_skipped(self, items: Sequence[Skipped]) -> None:
+        now = time.time()
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO skipped (mailbox, uid, fingerprint, reason, message_id, "
                 "seen) VALUES (?, ?, ?, ?, ?, ?)",
-                (mailbox, uid, fingerprint, reason, message_id, time.time()),
+                [(i.mailbox, i.uid, i.fingerprint, i.reason, i.message_id, now) for i in items],
             )
+
+    def prune(self, before: float) -> int:
+        """Forget final deliveries and skipped messages last touched before `before`."""
+        with self._transaction() as db:
+            count = db.execute(
+                "DELETE FROM deliveries WHERE updated < ? AND status IN ('delivered', 'failed')",
+                (before,),
+            ).rowcount
+            db.execute("DELETE FROM skipped WHERE seen < ?", (before,))
+        return count
 
     def record_cycle(self, cycle: CycleRecord) -> None:
         with self._transaction() as db:
@@ -253,4 +309,5 @@ class SqliteStateStore:
             db.execute("DELETE FROM cycles WHERE id <= (SELECT MAX(id) - 1000 FROM cycles)")
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()

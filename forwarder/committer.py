@@ -1,0 +1,55 @@
+"""Group commit: every SMTP reply is committed before its message goes on, and replies
+that arrive while one commit is being written to disk share the next one.
+
+One fsync then covers many transactions, so durability does not cap throughput.
+A failed commit (disk full, unwritable file) keeps the results in memory: they are
+written first thing on the next try, before anything else is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from forwarder.errors import StateError
+from forwarder.state import MessageResult, StateStore
+
+
+class GroupCommitter:
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self.unsaved: list[MessageResult] = []
+        self._queue: list[tuple[MessageResult, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def commit(self, result: MessageResult) -> None:
+        """Return once `result` is durable; raise StateError if it could not be written."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((result, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await future
+
+    async def _write(self) -> None:
+        while self._queue:
+            items, self._queue = self._queue, []
+            results = [result for result, _ in items]
+            try:
+                await asyncio.to_thread(self.store.record_results, results)
+            except StateError as exc:
+                self.unsaved.extend(results)
+                for _, future in items:
+                    if not future.done():  # a cancelled waiter no longer listens
+                        future.set_exception(exc)
+                continue
+            for _, future in items:
+                if not future.done():
+                    future.set_result(None)
+
+    async def flush_unsaved(self) -> int:
+        """Write results a failed commit left in memory. Raises StateError if still impossible."""
+        if not self.unsaved:
+            return 0
+        pending = list(self.unsaved)
+        await asyncio.to_thread(self.store.record_results, pending)
+        del self.unsaved[: len(pending)]
+        return len(pending)
