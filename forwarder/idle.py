@@ -57,6 +57,7 @@ class IdleWatcher:
                     return
                 self.supported = True
                 delay = 1.0
+                self.wake()  # whatever arrived while we were not listening
                 self._idle(source)
             except AuthError as exc:
                 log.error("idle_failed", error=str(exc))  # the poll cycle reports and stops

@@ -1,0 +1,203 @@
+"""`forwarder run` as systemd runs it: a real process, push by IMAP IDLE, outages, sd_notify."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.mail import build_message
+from tests.servers import MailServer, SmtpSink
+
+
+class Daemon:
+    """A `forwarder run` process whose JSON log lines are read as they come."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "forwarder", "run"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.events: list[dict[str, object]] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                with self._changed:
+                    self.events.append(json.loads(line))
+                    self._changed.notify_all()
+
+    def wait_for_event(self, name: str, timeout: float = 20) -> dict[str, object]:
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: any(e["event"] == name for e in self.events), timeout
+            )
+            assert found, f"no {name} event in {[e['event'] for e in self.events]}"
+            return next(e for e in self.events if e["event"] == name)
+
+    def stop(self) -> tuple[int, list[dict[str, object]], str]:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+        self._reader.join(5)
+        assert self.process.stderr is not None
+        stderr = self.process.stderr.read()
+        self.close()
+        return self.process.returncode, self.events, stderr
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def daemon_env(env_for_subprocess: dict[str, str]) -> dict[str, str]:
+    env_for_subprocess["FORWARDER_POLL_INTERVAL"] = "3600"  # only IDLE can be quick
+    return env_for_subprocess
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[type[Daemon]]:
+    started: list[Daemon] = []
+
+    class Tracked(Daemon):
+        def __init__(self, env: dict[str, str]) -> None:
+            super().__init__(env)
+            started.append(self)
+
+    yield Tracked
+    for daemon in started:
+        daemon.close()
+
+
+def test_new_mail_is_forwarded_through_idle_without_waiting_for_the_poll(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    daemon_env: dict[str, str],
+    start_daemon: type[Daemon],
+) -> None:
+    daemon = start_daemon(daemon_env)
+    mailbox.deliver(build_message(subject="first"), ["contact@example.org"])
+    smtp_sink.wait_for(1, timeout=20)  # the start-up cycle
+    mailbox.deliver(build_message(subject="pushed"), ["contact@example.org"])
+    received = smtp_sink.wait_for(2, timeout=10)  # far less than the 3600 s poll
+    assert b"Subject: pushed" in received[1].data
+    status, events, stderr = daemon.stop()
+    assert status == 0, stderr
+    assert "idle_started" in [e["event"] for e in events]
+
+
+def test_daemon_survives_a_dovecot_restart(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    daemon_env: dict[str, str],
+    start_daemon: type[Daemon],
+) -> None:
+    daemon = start_daemon(daemon_env)
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    smtp_sink.wait_for(1, timeout=20)
+    mailbox.restart()
+    mailbox.deliver(build_message(subject="after restart"), ["contact@example.org"])
+    received = smtp_sink.wait_for(2, timeout=30)
+    assert b"Subject: after restart" in received[1].data
+    status, _, stderr = daemon.stop()
+    assert status == 0, stderr
+
+
+def test_daemon_survives_an_smtp_outage_and_delivers_afterwards(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    env_for_subprocess: dict[str, str],
+    start_daemon: type[Daemon],
+) -> None:
+    env_for_subprocess["FORWARDER_POLL_INTERVAL"] = "2"
+    smtp_sink.stop()
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    daemon = start_daemon(env_for_subprocess)
+    daemon.wait_for_event("cycle_failed")
+    smtp_sink.start()
+    smtp_sink.wait_for(1, timeout=30)
+    status, events, stderr = daemon.stop()
+    assert status == 0, stderr
+    names = [e["event"] for e in events]
+    assert "cycle_failed" in names
+    assert names.count("message_forwarded") == 1
+
+
+def test_wrong_password_stops_the_daemon_with_a_clear_error(
+    mailbox: MailServer, daemon_env: dict[str, str]
+) -> None:
+    daemon_env["FORWARDER_IMAP_PASSWORD"] = "wrong"
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", "run"],
+        env=daemon_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3
+    assert "refused the login" in result.stderr
+
+
+def test_sigterm_reports_the_run_totals_and_exits_zero(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    daemon_env: dict[str, str],
+    start_daemon: type[Daemon],
+) -> None:
+    for _ in range(3):
+        mailbox.deliver(build_message(), ["contact@example.org"])
+    daemon = start_daemon(daemon_env)
+    smtp_sink.wait_for(3, timeout=20)
+    started = time.monotonic()
+    status, events, stderr = daemon.stop()
+    assert status == 0, stderr
+    assert time.monotonic() - started < 10
+    stopped = events[-1]
+    assert stopped["event"] == "stopped"
+    assert (stopped["forwarded"], stopped["delivered"]) == (3, 6)
+
+
+def test_systemd_is_told_ready_watchdog_status_and_stopping(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    daemon_env: dict[str, str],
+    start_daemon: type[Daemon],
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(20)
+        daemon_env["NOTIFY_SOCKET"] = str(path)
+        daemon_env["WATCHDOG_USEC"] = "1000000"
+        daemon = start_daemon(daemon_env)
+        seen: list[str] = []
+        while not {"READY=1", "WATCHDOG=1"} <= set(seen) or not any(
+            s.startswith("STATUS=") for s in seen
+        ):
+            seen += sock.recv(4096).decode().splitlines()
+        status, _, stderr = daemon.stop()
+        while "STOPPING=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+    assert status == 0, stderr
+    assert seen.index("READY=1") < seen.index("STOPPING=1")
