@@ -1,0 +1,165 @@
+"""Durability: the state store comes first, and one bad message never blocks the others."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+import forwarder.cycle
+from forwarder.config import Settings
+from forwarder.cycle import Forwarder
+from forwarder.errors import StateError
+from forwarder.state import MessageResult, SqliteStateStore, Status
+from tests.conftest import forward_once
+from tests.mail import build_message
+from tests.servers import MailServer, SmtpSink
+
+FORWARDED = b"$Forwarded"
+QUARANTINE = b"$ForwarderQuarantine"
+
+
+class FlakyStore(SqliteStateStore):
+    """The real SQLite store, whose result commits fail while `full` is set."""
+
+    full = False
+
+    def record_results(self, results: Sequence[MessageResult]) -> None:
+        if self.full:
+            raise StateError(f"state store {self.path}: write failed (database or disk is full)")
+        super().record_results(results)
+
+
+async def test_unwritable_state_store_sends_nothing_and_leaves_the_message(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    store = SqliteStateStore(settings.state_db)
+    store._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
+    fwd = Forwarder(settings, store)
+    try:
+        with pytest.raises(StateError, match="write failed"):
+            await fwd.run_cycle()
+        assert smtp_sink.received == []
+        [(_, flags, _)] = mailbox.messages()
+        assert flags == set()
+        store._db.execute("PRAGMA query_only = OFF")  # space is back
+        await fwd.run_cycle()
+    finally:
+        await fwd.close()
+        store.close()
+    assert len(smtp_sink.received) == 1
+    [(_, flags, _)] = mailbox.messages()
+    assert FORWARDED in flags
+
+
+async def test_results_that_could_not_be_committed_are_written_first_and_not_resent(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    store = FlakyStore(settings.state_db)
+    fwd = Forwarder(settings, store)
+    try:
+        store.full = True
+        with pytest.raises(StateError):
+            await fwd.run_cycle()
+        assert len(smtp_sink.received) == 1  # sent, but its result is only in memory
+        [(_, flags, _)] = mailbox.messages()
+        assert FORWARDED not in flags  # never marked before the result is durable
+        store.full = False
+        with capture_logs() as logs:
+            await fwd.run_cycle()
+    finally:
+        await fwd.close()
+        store.close()
+    assert len(smtp_sink.received) == 1
+    assert "state_store_recovered" in [e["event"] for e in logs]
+    [(_, flags, _)] = mailbox.messages()
+    assert FORWARDED in flags
+
+
+async def test_unexpected_error_on_one_message_quarantines_it_and_the_rest_go_on(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_key = forwarder.cycle.message_key
+
+    def exploding_key(header_block: bytes, *args: object) -> str:
+        if b"Subject: poison" in header_block:
+            raise RuntimeError("boom")
+        return real_key(header_block, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forwarder.cycle, "message_key", exploding_key)
+    mailbox.deliver(build_message(subject="poison"), ["contact@example.org"])
+    mailbox.deliver(build_message(subject="fine"), ["contact@example.org"])
+    with capture_logs() as logs:
+        summary = await forward_once(settings)
+    assert len(smtp_sink.received) == 1 and b"Subject: fine" in smtp_sink.received[0].data
+    poison, fine = mailbox.messages()
+    assert poison[1] == {QUARANTINE}
+    assert FORWARDED in fine[1]
+    [event] = [e for e in logs if e["event"] == "message_quarantined"]
+    assert event["reason"] == "boom"
+    assert summary.quarantined == 1
+    await forward_once(settings)  # not looked at again
+    assert len(smtp_sink.received) == 1
+
+
+async def test_pending_rows_of_an_interrupted_run_are_sent_and_counted(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    store = FlakyStore(settings.state_db)
+    fwd = Forwarder(settings, store)
+    store.full = True  # as if killed between the server's reply and the commit
+    with pytest.raises(StateError):
+        await fwd.run_cycle()
+    await fwd.close()
+    store.close()
+    with capture_logs() as logs:
+        await forward_once(settings)  # a new process: what was in memory is gone
+    [event] = [e for e in logs if e["event"] == "message_forwarded"]
+    assert event["interrupted"] == 2  # the ambiguous window, reported
+    assert len(smtp_sink.received) == 2
+
+
+def test_state_store_is_wal_with_full_fsync(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "s.db")
+    try:
+        assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
+
+
+def test_pending_never_overwrites_a_final_result(tmp_path: Path) -> None:
+    from forwarder.state import Delivery
+
+    store = SqliteStateStore(tmp_path / "s.db")
+    done = Delivery("alice@example.org", "alice@example.org", Status.DELIVERED, 250, "ok")
+    store.record_results([MessageResult("k", None, ("contact@example.org",), (done,))])
+    pending = Delivery("alice@example.org", "alice@example.org", Status.PENDING)
+    store.record_pending([MessageResult("k", None, ("contact@example.org",), (pending,))])
+    states = store.member_states(["k"])
+    store.close()
+    assert states["k"]["alice@example.org"].status is Status.DELIVERED
+
+
+def test_prune_forgets_old_final_deliveries_only(tmp_path: Path) -> None:
+    from forwarder.state import Delivery
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path)
+    old = Delivery("a@example.org", "a@example.org", Status.DELIVERED, 250, "ok")
+    deferred = Delivery("b@example.org", "b@example.org", Status.DEFERRED, 451, "later", 1.0)
+    store.record_results([MessageResult("k", None, ("l@example.org",), (old, deferred))])
+    assert store.prune(before=10**12) == 1
+    remaining = store.member_states(["k"])["k"]
+    store.close()
+    assert list(remaining) == ["b@example.org"]
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 1
