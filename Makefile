@@ -18,6 +18,11 @@ demo: venv system-deps
 soak: venv system-deps
 	$(BIN)/python -m pytest -m soak
 
+## bench: throughput, latency, memory and scale figures against real servers (ARGS=--quick for a smoke run)
+bench: venv system-deps
+	bash .ci/system-deps postfix fetchmail
+	$(BIN)/python -m bench.run $(ARGS)
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 system-deps:
-	bash .ci/system-deps
+	bash .ci/system-deps systemd
 
 lint: venv
 	$(BIN)/ruff check forwarder tests

@@ -6,10 +6,15 @@ import re
 from collections.abc import Iterable
 from email.utils import getaddresses
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ATOM_CHARS = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_ATOM = rf"[{_ATOM_CHARS}]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\.?")
-_RECEIVED_FOR = re.compile(r"\bfor\s+<?\s*([^\s<>;\"]+@[^\s<>;\"]+?)\s*>?\s*(?:;|\s|$)", re.I)
+# A match only starts where a run of address characters starts: trying every position
+# inside a long run made findall() quadratic (minutes for a hostile 100 KB To line).
+_ADDRESS = re.compile(rf"(?<![.{_ATOM_CHARS}]){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*\.?")
+# No '@' in the local part and no optional '<' between two runs of spaces: both made
+# the search backtrack quadratically on hostile input.
+_RECEIVED_FOR = re.compile(r"\bfor\s+(?:<\s*)?([^\s<>;\"@]+@[^\s<>;\"]+?)\s*>?\s*(?:;|\s|$)", re.I)
 
 # Parsing a header is bounded: a hostile 10 MB To line is cut, not parsed whole.
 MAX_PARSED_HEADER = 256 * 1024

@@ -13,11 +13,13 @@ from forwarder.daemon import run_daemon
 from forwarder.errors import ConfigError
 from forwarder.logs import configure_logging
 from forwarder.service import check, run_once
+from forwarder.status import show_status
 
 COMMANDS = {
     "once": (run_once, "run one poll cycle, then exit"),
     "run": (run_daemon, "poll every FORWARDER_POLL_INTERVAL seconds until SIGTERM/SIGINT"),
     "check": (check, "validate the configuration, log in to IMAP and SMTP, print the lists"),
+    "status": (show_status, "print the last cycle, deferred and failed deliveries (read-only)"),
 }
 
 
@@ -30,7 +32,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", action="version", version=f"forwarder {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+        subparser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "status":
+            subparser.add_argument(
+                "--json", action="store_true", help="one JSON object, for scripts"
+            )
     return parser.parse_args(argv)
 
 
@@ -42,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forwarder: configuration error: {exc}", file=sys.stderr)
         return exc.exit_status
     configure_logging(settings.log_format, settings.log_level)
+    if args.command == "status":
+        return asyncio.run(show_status(settings, as_json=args.json))
     command = COMMANDS[args.command][0]
     return asyncio.run(command(settings))
 

@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     def sender_address(self) -> str | None:
         for candidate in (self.envelope_sender, self.smtp_username, self.imap_username):
             if candidate and is_valid_address(candidate):
-                return candidate
+                return candidate.strip()
         return None
 
     @property
@@ -254,7 +254,7 @@ def _describe(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         message = "is required but not set"
-    if field and message.startswith(PREFIX):
+    if message.startswith(PREFIX):
         return message
     name = env_name(field) if field else "configuration"
     return f"{name}: {message}"

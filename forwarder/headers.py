@@ -21,7 +21,7 @@ TRACE_HEADERS = frozenset(
 def split_message(raw: bytes) -> tuple[bytes, bytes]:
     """(header block, body). A message without a blank line is all headers."""
     if raw.startswith((b"\r\n", b"\n")):
-        return b"", raw
+        return b"", raw.removeprefix(b"\r").removeprefix(b"\n")
     match = _BLANK_LINE.search(raw)
     if match is None:
         return raw, b""
@@ -89,7 +89,7 @@ def message_key(header_block: bytes, headers: Headers, body: bytes) -> str:
     digest = hashlib.sha256()
     for line in re.split(rb"\r?\n(?![ \t])", header_block):
         name = line.partition(b":")[0].strip().lower()
-        if name.decode("ascii", "replace") not in TRACE_HEADERS:
+        if line.strip() and name.decode("ascii", "replace") not in TRACE_HEADERS:
             digest.update(line.rstrip(b"\r") + b"\n")
     digest.update(b"\n")
     digest.update(body)

@@ -11,7 +11,8 @@ MAX_BACKOFF = 4 * 3600.0
 
 def backoff(attempts: int) -> float:
     """Seconds to wait after `attempts` failed tries: 1 min, 2, 4 ... capped at 4 hours."""
-    return float(min(FIRST_RETRY * 2 ** max(attempts - 1, 0), MAX_BACKOFF))
+    exponent = min(max(attempts - 1, 0), 64)  # 2 ** 1024 would overflow a float
+    return float(min(FIRST_RETRY * 2**exponent, MAX_BACKOFF))
 
 
 def classify(
