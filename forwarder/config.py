@@ -8,9 +8,11 @@ rest of the program only sees plain, normalised data.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -125,6 +127,11 @@ class Settings(BaseSettings):
         if self.envelope_sender is not None and not is_valid_address(self.envelope_sender):
             raise ValueError(
                 f"{env_name('envelope_sender')}: {self.envelope_sender!r} is not an address"
+            )
+        if self.state_retention <= self.retry_for:
+            raise ValueError(
+                f"{env_name('state_retention')}: must be longer than {env_name('retry_for')} "
+                f"({self.retry_for:g} s), or a message still being retried could be sent again"
             )
         if self.sender_address is None:
             raise ValueError(
@@ -260,8 +267,19 @@ def _describe(error: ValidationError) -> str:
     return f"{name}: {message}"
 
 
+def _check_names(environ: Mapping[str, str]) -> None:
+    """A misspelt optional variable would be ignored silently: refuse it instead."""
+    known = {env_name(field) for field in Settings.model_fields}
+    for name in sorted(environ):
+        if name.upper().startswith(PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"{name} is not a forwarder setting{hint}")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read and validate the configuration, or raise ConfigError (one line, no secret)."""
+    _check_names(os.environ)
     values = {**_credentials(), **overrides}
     try:
         return Settings(**values)

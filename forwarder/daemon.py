@@ -58,6 +58,9 @@ class Daemon:
             if self.stop.is_set():
                 return
             try:
+                if not self.ready:
+                    await self.forwarder.connect()
+                    self._ready()
                 summary = await self.forwarder.run_cycle()
             except (AuthError, KeywordsNotSupported) as exc:
                 self.fatal = exc  # does not heal by waiting
@@ -75,11 +78,13 @@ class Daemon:
             failures = 0
             self._after_cycle(summary)
 
+    def _ready(self) -> None:
+        """Both logins succeeded: tell systemd the service is up."""
+        self.ready = True
+        self.notifier.ready()
+        log.info("ready", lists=len(self.forwarder.lists))
+
     def _after_cycle(self, summary: CycleSummary) -> None:
-        if not self.ready:
-            self.ready = True
-            self.notifier.ready()
-            log.info("ready", lists=len(self.forwarder.lists))
         for name, value in summary.as_dict().items():
             setattr(self.totals, name, getattr(self.totals, name) + value)
         self.notifier.watchdog()
@@ -120,6 +125,7 @@ async def run_daemon(settings: Settings) -> int:
         coalesce=True,
         misfire_grace_time=None,
     )
+
     def wake_from_thread() -> None:
         loop.call_soon_threadsafe(daemon.wake.set)
 

@@ -45,7 +45,7 @@ async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
         print(f"  {address} -> {', '.join(members)}", file=out)
     print(f"envelope sender: {settings.envelope_from}", file=out)
     try:
-        store = SqliteStateStore(settings.state_db)
+        store = SqliteStateStore(settings.state_db, exclusive=False)  # a daemon may be running
     except ForwarderError as exc:
         return report(exc, "check_failed")
     forwarder = Forwarder(settings, store)

@@ -7,6 +7,8 @@ is the embedded default (WAL, synchronous=FULL: a result is on disk when
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -15,7 +17,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from forwarder.errors import StateError
 
@@ -157,14 +159,17 @@ class SqliteStateStore:
     then overlaps with network I/O).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._lockfile: TextIO | None = None
         if not path.parent.is_dir():
             raise StateError(
                 f"state store {path}: directory {path.parent} does not exist; create it or "
                 "set FORWARDER_STATE_DB"
             )
+        if exclusive:
+            self._take_lock()
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 10000")
@@ -181,6 +186,31 @@ class SqliteStateStore:
                 f"state store {path}: cannot open ({exc}); check the path, "
                 "permissions and free space"
             ) from None
+
+    def _take_lock(self) -> None:
+        """One forwarder process per state file: two would send the same messages."""
+        lockpath = self.path.with_name(self.path.name + ".lock")
+        try:
+            lockfile = open(lockpath, "a+")  # noqa: SIM115 (held for the store's lifetime)
+        except OSError as exc:
+            raise StateError(
+                f"state store {self.path}: cannot create {lockpath} "
+                f"({exc.strerror}); check permissions"
+            ) from None
+        try:
+            fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lockfile.seek(0)
+            owner = lockfile.read().strip() or "unknown"
+            lockfile.close()
+            raise StateError(
+                f"state store {self.path} is in use by another forwarder process (pid {owner}); "
+                "run one instance per FORWARDER_STATE_DB"
+            ) from None
+        lockfile.truncate(0)
+        lockfile.write(str(os.getpid()))
+        lockfile.flush()
+        self._lockfile = lockfile
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -311,3 +341,6 @@ class SqliteStateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._lockfile is not None:
+            self._lockfile.close()  # releases the lock
+            self._lockfile = None

@@ -152,7 +152,28 @@ def test_run_forwards_on_its_schedule_and_stops_cleanly_on_sigterm(
     assert "stop_requested" in names
 
 
-@pytest.mark.parametrize("command", ["once", "run", "check"])
+def test_misspelt_variable_is_refused_with_a_suggestion(env_for_subprocess: dict[str, str]) -> None:
+    env_for_subprocess["FORWARDER_POLL_INTERVALL"] = "30"
+    result = forwarder(env_for_subprocess, "check")
+    assert result.returncode == 2
+    assert "did you mean FORWARDER_POLL_INTERVAL?" in result.stderr
+
+
+def test_second_instance_on_the_same_state_file_is_refused(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
+) -> None:
+    from forwarder.state import SqliteStateStore
+
+    holder = SqliteStateStore(Path(env_for_subprocess["FORWARDER_STATE_DB"]))
+    try:
+        result = forwarder(env_for_subprocess, "once")
+    finally:
+        holder.close()
+    assert result.returncode == 1
+    assert "in use by another forwarder process" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["once", "run", "check", "status"])
 def test_help_lists_every_command(command: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "forwarder", "--help"], capture_output=True, text=True, timeout=30

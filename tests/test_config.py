@@ -579,3 +579,16 @@ def test_config_error_is_a_value_error_with_exit_status_2():
     error = config_error(lists="{")
     assert isinstance(error, ValueError)
     assert error.exit_status == 2
+
+
+def test_retention_shorter_than_the_retry_window_is_refused() -> None:
+    error = config_error(state_retention=3600, retry_for=7200)
+    assert str(error).startswith("FORWARDER_STATE_RETENTION:")
+
+
+def test_misspelt_forwarder_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORWARDER_SMTP_SECURTY", "tls")
+    error = config_error()
+    assert str(error) == (
+        "FORWARDER_SMTP_SECURTY is not a forwarder setting; did you mean FORWARDER_SMTP_SECURITY?"
+    )
