@@ -17,7 +17,7 @@ from forwarder.state import SqliteStateStore
 if TYPE_CHECKING:
     from tests.servers import MailServer, SmtpSink
 
-pytest_plugins = ["tests.servers"]  # the real-server fixtures
+pytest_plugins = ["tests.servers", "tests.faults"]  # real servers, then faults in front of them
 
 LISTS: dict[str, list[str]] = {
     "contact@example.org": ["alice@example.org", "bob@example.org"],
