@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +44,7 @@ from forwarder.state import (
 )
 
 log = structlog.get_logger("forwarder.cycle")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 T = TypeVar("T")
 MAX_RCPT = 100  # recipients per SMTP transaction (RFC 5321 4.5.3.1.8 minimum a server accepts)
 PRUNE_EVERY = 24 * 3600.0
@@ -241,6 +243,10 @@ class Forwarder:
         if not raw.strip():
             raise ValueError("empty message")
         header_block, body = split_message(raw)
+        if _BARE_CR.search(header_block):
+            # SMTP carries only CRLF lines: the CR would become a line break and split one
+            # header field in two at the members' servers (header smuggling).
+            raise ValueError("bare CR in the header block: it cannot be sent unchanged")
         headers = parse_headers(header_block)
         decision = route(headers, self.lists)
         key = message_key(header_block, headers, body) if decision.skip is None else ""

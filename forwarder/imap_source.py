@@ -89,6 +89,11 @@ class ImapSource:
     def connected(self) -> bool:
         return self.client is not None
 
+    def _session(self) -> IMAPClient:
+        if self.client is None:
+            raise ImapError(f"{self.server}: the connection was lost; reconnecting next cycle")
+        return self.client
+
     @_wrap_errors
     def connect(self) -> None:
         """Connect, log in and select the folder; checks that keywords can be stored."""
@@ -146,31 +151,30 @@ class ImapSource:
 
     @_wrap_errors
     def noop(self) -> None:
-        assert self.client is not None
-        self.client.noop()
+        self._session().noop()
 
     @_wrap_errors
     def unforwarded_uids(self) -> list[int]:
         """UIDs of the messages without `$Forwarded` nor `$ForwarderQuarantine`, oldest first."""
-        assert self.client is not None
+        client = self._session()
         criteria = ["UNKEYWORD", FORWARDED.decode(), "UNKEYWORD", QUARANTINE.decode()]
-        return sorted(int(u) for u in self.client.search(criteria))
+        return sorted(int(u) for u in client.search(criteria))
 
     @_wrap_errors
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
-        assert self.client is not None
+        client = self._session()
         found: dict[int, int] = {}
         for chunk in _chunks(uids, _UID_CHUNK):
-            for uid, data in self.client.fetch(chunk, ["RFC822.SIZE"]).items():
+            for uid, data in client.fetch(chunk, ["RFC822.SIZE"]).items():
                 found[int(uid)] = int(data.get(b"RFC822.SIZE", 0))
         return found
 
     @_wrap_errors
     def fetch(self, uids: Sequence[int]) -> dict[int, bytes]:
         """Raw bytes of these messages, read with BODY.PEEK[] (no \\Seen)."""
-        assert self.client is not None
+        client = self._session()
         found: dict[int, bytes] = {}
-        for uid, data in self.client.fetch(list(uids), ["BODY.PEEK[]"]).items():
+        for uid, data in client.fetch(list(uids), ["BODY.PEEK[]"]).items():
             raw = data.get(b"BODY[]")
             if isinstance(raw, bytes):
                 found[int(uid)] = raw
@@ -178,11 +182,11 @@ class ImapSource:
 
     @_wrap_errors
     def mark(self, uids: Iterable[int], flags: Sequence[bytes]) -> None:
-        assert self.client is not None
+        client = self._session()
         uid_list = sorted(uids)
         if uid_list:
             for chunk in _chunks(uid_list, _UID_CHUNK):
-                self.client.add_flags(chunk, list(flags), silent=True)
+                client.add_flags(chunk, list(flags), silent=True)
 
     def drop(self) -> None:
         """Forget the connection without talking to the server."""

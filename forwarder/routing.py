@@ -32,11 +32,27 @@ class Route:
 
 
 def _envelope_sources(headers: Headers) -> list[tuple[str, list[str]]]:
-    sources = [(name, addresses_in(headers.get_all(name))) for name in ENVELOPE_HEADERS]
-    top_received = headers.first("received")
-    if top_received is not None:
-        found = received_for(top_received)
-        sources.append(("received", [found] if found else []))
+    """The envelope headers an MTA wrote at final delivery, in order of trust.
+
+    Only the topmost occurrence of each counts, and only above the second
+    `Received:` header: anything lower was already in the message in transit, so
+    a sender could have written it to reach lists it was not sent to.
+    """
+    topmost: dict[str, str] = {}
+    received: list[str] = []
+    for name, value in headers.fields:
+        if name == "received":
+            received.append(value)
+            if len(received) == 2:
+                break
+        elif name in ENVELOPE_HEADERS:
+            topmost.setdefault(name, value)
+    sources = [
+        (name, addresses_in([topmost[name]]) if name in topmost else [])
+        for name in ENVELOPE_HEADERS
+    ]
+    found = received_for(received[0]) if received else None
+    sources.append(("received", [found] if found else []))
     return sources
 
 

@@ -64,15 +64,27 @@ class SmtpRelay:
             hostname=s.smtp_host,
             port=s.smtp_port_effective,
             use_tls=s.smtp_security == "tls",
-            start_tls=s.smtp_security == "starttls",
+            start_tls=False,  # done below, so that a missing STARTTLS gets a clear error
             tls_context=tls_context(s),
             timeout=CONNECT_TIMEOUT,
         )
         try:
             await smtp.connect()
+            await smtp.ehlo()  # now: SIZE, 8BITMIME and STARTTLS are known before MAIL
+            if s.smtp_security == "starttls":
+                if not smtp.supports_extension("starttls"):
+                    smtp.close()
+                    raise SmtpError(
+                        f"{self.server}: STARTTLS is not offered; refusing to send without TLS "
+                        "(use FORWARDER_SMTP_SECURITY=tls if it has SMTPS on port 465)"
+                    )
+                await smtp.starttls()
+                await smtp.ehlo()
             if s.smtp_username:
                 password = s.smtp_password.get_secret_value() if s.smtp_password else ""
                 await smtp.login(s.smtp_username, password)
+        except SmtpError:
+            raise
         except SMTPAuthenticationError as exc:
             smtp.close()
             raise SmtpAuthError(

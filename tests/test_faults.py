@@ -42,11 +42,6 @@ BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 LONG_BODY = b"".join(
     b"line %05d of a long body, to be cut in the middle\r\n" % i for i in range(2000)
 )
-LAZY_EHLO = (
-    "forwarder bug: aiosmtplib's connect() sends no EHLO without STARTTLS or login (it is "
-    "sent lazily by mail()), so on a fresh connection SmtpRelay._mail() sees no extensions: "
-    "no SIZE check, no SIZE=, no BODY=8BITMIME"
-)
 T0 = time.time()
 LATER = T0 + 3600.0  # past the first retry (1 min), well within retry_for (5 days)
 
@@ -281,7 +276,6 @@ async def test_smtp_connection_closed_by_the_server_between_cycles_is_reopened(
     assert_all_forwarded_once(mailbox, smtp_sink, [first, second])
 
 
-@pytest.mark.xfail(strict=True, reason=LAZY_EHLO)
 async def test_message_larger_than_the_advertised_size_fails_every_member_and_is_not_retried(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
@@ -321,12 +315,6 @@ async def test_imap_connection_dropped_mid_fetch_of_the_only_batch_raises_and_se
     assert_all_forwarded_once(mailbox, smtp_sink, ids)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forwarder bug: the next batch's prefetch fails and drops the IMAP session, then "
-    "_mark() of the batch just sent runs ImapSource.mark() with client None: a bare "
-    "AssertionError escapes run_cycle (not ForwarderError; the cycle is logged outcome=ok)",
-)
 async def test_imap_connection_dropped_mid_fetch_of_a_later_batch_raises_and_loses_nothing(
     mailbox: MailServer, smtp_sink: SmtpSink, imap_proxy: FaultProxy, make_settings: MakeSettings
 ) -> None:
@@ -446,7 +434,6 @@ async def test_bare_cr_in_the_body_is_sent_with_crlf_line_endings_only(
     assert received.data.endswith(b"\r\n\r\none\r\ntwo\r\n")
 
 
-@pytest.mark.xfail(strict=True, reason=LAZY_EHLO)
 async def test_8bit_message_is_announced_with_its_size_and_body_8bitmime(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
@@ -485,13 +472,6 @@ async def test_auto_replied_message_to_a_list_is_forwarded_and_nothing_else_is_s
     assert smtp_sink.commands.count("MAIL") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="forwarder bug: routing takes every Delivered-To of the message, so a sender who "
-    "writes his own 'Delivered-To: <other list>' reaches that list's members too, although the "
-    "mail system delivered the message for contact@ only (only the topmost, added by the final "
-    "delivery, can be trusted)",
-)
 async def test_a_forged_delivered_to_in_the_message_does_not_widen_the_delivery(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:

@@ -135,8 +135,19 @@ def test_route_passes_over_sources_that_name_no_list(fields, matched_by):
     assert result.matched_by == matched_by
 
 
-def test_route_reads_every_value_of_a_repeated_envelope_header():
+def test_route_trusts_only_the_topmost_of_a_repeated_envelope_header():
+    # The lower one was in the message before final delivery: a sender may have written it.
     fields = [("Delivered-To", CATCH_ALL), ("Delivered-To", "team@example.org")]
+    assert route(headers(*fields), LISTS).skip is Skip.UNMATCHED
+
+
+def test_route_ignores_envelope_headers_below_the_second_received_header():
+    fields = [
+        ("Received", "by mx.example.org; Mon, 1 Jan"),
+        ("Received", "by submission.example.net; Mon, 1 Jan"),
+        ("X-Original-To", "ops@example.org"),
+        ("To", "team@example.org"),
+    ]
     assert route(headers(*fields), LISTS).lists == ("team@example.org",)
 
 

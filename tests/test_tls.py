@@ -224,12 +224,6 @@ async def test_smtp_implicit_tls_without_the_ca_file_is_refused_naming_the_setti
     assert "FORWARDER_TLS_CA_FILE" in str(error.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the SMTP error is aiosmtplib's bare 'SMTP STARTTLS extension not supported by "
-    "server.': unlike the IMAP one, it does not say that sending without TLS was refused nor "
-    "which setting to change (FORWARDER_SMTP_SECURITY)",
-)
 async def test_smtp_starttls_not_offered_error_says_which_setting_to_change(
     mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
 ) -> None:
