@@ -18,12 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import LISTS
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
 
-MESSAGES = 300
-KILLS = 50
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
 
@@ -45,7 +45,16 @@ def stored_pairs(state_db: Path) -> set[tuple[str, str]]:
         return {(mid, member) for mid, member in rows}
 
 
+@pytest.mark.parametrize(
+    ("messages", "kills_wanted"),
+    [
+        pytest.param(300, 50, id="300-messages-50-kills"),
+        pytest.param(1000, 200, id="1000-messages-200-kills", marks=pytest.mark.soak),
+    ],
+)
 def test_sigkill_at_random_moments_loses_nothing_and_duplicates_only_the_ambiguous(
+    messages: int,
+    kills_wanted: int,
     mailbox: MailServer,
     smtp_sink: SmtpSink,
     env_for_subprocess: dict[str, str],
@@ -59,7 +68,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_only_the_ambiguo
         "FORWARDER_STATE_DB": str(state_db),
     }
     expected: set[tuple[str, str]] = set()
-    for i in range(MESSAGES):
+    for i in range(messages):
         mid = f"crash-{i}@remote.example"
         targets = [
             ["contact@example.org"],
@@ -72,7 +81,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_only_the_ambiguo
 
     kills = window_kills = ambiguous_total = runs = 0
     counted: set[tuple[str, str]] = set()
-    while kills < KILLS:
+    while kills < kills_wanted:
         runs += 1
         process = subprocess.Popen(
             [sys.executable, "-m", "forwarder", "once"],
