@@ -30,7 +30,10 @@ def normalize(address: str) -> str:
 
     `Contact+Urgent@Example.ORG` -> `contact@example.org`.
     """
-    addr = address.strip().strip("<>").strip().lower().rstrip(".")
+    addr = address.strip()
+    if addr.islower() and "+" not in addr and "<" not in addr and not addr.endswith("."):
+        return addr  # already in compare form: the common case, kept cheap
+    addr = addr.strip("<>").strip().lower().rstrip(".")
     local, at, domain = addr.rpartition("@")
     if not at:
         return addr

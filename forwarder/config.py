@@ -16,7 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from forwarder.addresses import is_valid_address, normalize
@@ -45,6 +52,8 @@ class Settings(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
     )
+
+    _expanded: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
 
     imap_host: str = Field(min_length=1)
     imap_port: int | None = Field(default=None, ge=1, le=65535)
@@ -124,6 +133,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_lists(self) -> Settings:
         _check_membership(self.lists, self.allowed_domains)
+        self._expanded = expand_lists(self.lists)  # raises on cycles
         if self.envelope_sender is not None and not is_valid_address(self.envelope_sender):
             raise ValueError(
                 f"{env_name('envelope_sender')}: {self.envelope_sender!r} is not an address"
@@ -170,8 +180,8 @@ class Settings(BaseSettings):
         return sender
 
     def expanded_lists(self) -> dict[str, tuple[str, ...]]:
-        """Each list address -> its member accounts, nested lists resolved."""
-        return expand_lists(self.lists)
+        """Each list address -> its member accounts, nested lists resolved (computed once)."""
+        return self._expanded
 
 
 def _validate_lists_shape(value: Any) -> dict[str, tuple[str, ...]]:
@@ -194,9 +204,10 @@ def _validate_lists_shape(value: Any) -> dict[str, tuple[str, ...]]:
         for member in members:
             if not isinstance(member, str) or not is_valid_address(member):
                 raise ValueError(f"list {key}: member {member!r} is not an address")
-            if normalize(member) == key:
+            norm = normalize(member)
+            if norm == key:
                 raise ValueError(f"list {key} contains its own address")
-            seen.setdefault(normalize(member), member.strip())
+            seen.setdefault(norm, member.strip())
         lists[key] = tuple(seen.values())
     return lists
 
@@ -212,7 +223,6 @@ def _check_membership(lists: dict[str, tuple[str, ...]], domains: frozenset[str]
                         f"{env_name('member_domains')} ({', '.join(sorted(domains))}); "
                         "add its domain there, or * to allow any domain"
                     )
-    expand_lists(lists)  # raises on cycles
 
 
 def expand_lists(lists: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
@@ -225,9 +235,13 @@ def expand_lists(lists: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]
             raise ValueError(f"{env_name('lists')}: lists include each other in a cycle: {cycle}")
         if key in resolved:
             return resolved[key]
+        members = lists[key]
+        norms = [normalize(m) for m in members]
+        if not any(n in lists for n in norms):  # the common case: no nested list
+            resolved[key] = members  # already unique by normalised form
+            return members
         out: dict[str, str] = {}
-        for member in lists[key]:
-            norm = normalize(member)
+        for member, norm in zip(members, norms, strict=True):
             if norm in lists:
                 for sub in visit(norm, (*path, key)):
                     out.setdefault(normalize(sub), sub)
