@@ -40,7 +40,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     message_id TEXT,
     PRIMARY KEY (message_key, member)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_status ON deliveries (status, next_try);
+-- Only rows still in play are indexed by state: a delivered row never enters this
+-- index, so a store of millions of old deliveries costs nothing per new message.
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_try)
+    WHERE status IN ('pending', 'deferred');
 CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
 CREATE TABLE IF NOT EXISTS skipped (
     mailbox TEXT NOT NULL,
@@ -175,6 +178,7 @@ class SqliteStateStore:
             self._db.execute("PRAGMA busy_timeout = 10000")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA cache_size = -8192")  # KiB: hot B-tree pages stay cached
             self._db.executescript(_SCHEMA)  # idempotent; executescript commits itself
             with self._transaction() as db:
                 db.execute(
