@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from forwarder import __version__
 from forwarder.config import load_settings
-from forwarder.daemon import run_daemon
 from forwarder.errors import ConfigError
 from forwarder.logs import configure_logging
-from forwarder.service import check, run_once
-from forwarder.status import show_status
 
+# name -> (module:function, help). Imported on use: `once` never loads the scheduler.
 COMMANDS = {
-    "once": (run_once, "run one poll cycle, then exit"),
-    "run": (run_daemon, "poll every FORWARDER_POLL_INTERVAL seconds until SIGTERM/SIGINT"),
-    "check": (check, "validate the configuration, log in to IMAP and SMTP, print the lists"),
-    "status": (show_status, "print the last cycle, deferred and failed deliveries (read-only)"),
+    "once": ("forwarder.service:run_once", "run one poll cycle, then exit"),
+    "run": (
+        "forwarder.daemon:run_daemon",
+        "poll every FORWARDER_POLL_INTERVAL seconds until SIGTERM/SIGINT",
+    ),
+    "check": (
+        "forwarder.service:check",
+        "validate the configuration, log in to IMAP and SMTP, print the lists",
+    ),
+    "status": (
+        "forwarder.status:show_status",
+        "print the last cycle, deferred and failed deliveries (read-only)",
+    ),
 }
+
+
+def _command(name: str) -> Callable[..., Coroutine[Any, Any, int]]:
+    module, _, function = COMMANDS[name][0].partition(":")
+    command: Callable[..., Coroutine[Any, Any, int]] = getattr(
+        importlib.import_module(module), function
+    )
+    return command
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,9 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forwarder: configuration error: {exc}", file=sys.stderr)
         return exc.exit_status
     configure_logging(settings.log_format, settings.log_level)
+    command = _command(args.command)
     if args.command == "status":
-        return asyncio.run(show_status(settings, as_json=args.json))
-    command = COMMANDS[args.command][0]
+        return asyncio.run(command(settings, as_json=args.json))
     return asyncio.run(command(settings))
 
 

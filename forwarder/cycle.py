@@ -135,35 +135,41 @@ class Forwarder:
             await self.connect()
             await self._cycle(summary)
             self._prune()
-        except ForwarderError as exc:
-            error = str(exc)
+        except Exception as exc:
+            error = str(exc) or repr(exc)
             raise
         finally:
-            outcome = "error" if error else "ok"
-            duration = time.time() - summary.started
-            log.info(
-                "cycle_finished",
-                outcome=outcome,
-                duration_ms=round(duration * 1000),
-                error=error,
-                **summary.as_dict(),
-            )
-            with suppress(ForwarderError):
-                self.store.record_cycle(
-                    CycleRecord(
-                        summary.started,
-                        time.time(),
-                        outcome,
-                        summary.messages,
-                        summary.forwarded,
-                        summary.delivered,
-                        summary.deferred,
-                        summary.failed,
-                        summary.skipped,
-                        error,
-                    )
-                )
+            self._record(summary, error)
         return summary
+
+    def _record(self, summary: CycleSummary, error: str | None) -> None:
+        outcome = "error" if error else "ok"
+        finished = time.time()
+        log.info(
+            "cycle_finished",
+            outcome=outcome,
+            duration_ms=round((finished - summary.started) * 1000),
+            error=error,
+            peak_rss_mb=_peak_rss_mb(),
+            **summary.as_dict(),
+        )
+        s = summary
+        record = CycleRecord(
+            s.started,
+            finished,
+            outcome,
+            s.messages,
+            s.forwarded,
+            s.delivered,
+            s.deferred,
+            s.failed,
+            s.skipped,
+            error,
+        )
+        try:
+            self.store.record_cycle(record)
+        except ForwarderError as exc:
+            log.error("state_store_error", error=str(exc))
 
     def _prune(self) -> None:
         now = self.clock()
@@ -186,14 +192,16 @@ class Forwarder:
             return
         # The next batch is fetched while this one is being sent.
         fetch: asyncio.Task[dict[int, bytes]] | None = asyncio.create_task(
-            self._imap(self.source.fetch, batches[0])
+            self._imap(self.source.fetch, batches[0], sizes)
         )
         try:
             for index, batch in enumerate(batches):
                 assert fetch is not None
                 fetched, fetch = await fetch, None
                 if index + 1 < len(batches) and not self.stopping:
-                    fetch = asyncio.create_task(self._imap(self.source.fetch, batches[index + 1]))
+                    fetch = asyncio.create_task(
+                        self._imap(self.source.fetch, batches[index + 1], sizes)
+                    )
                 items = [(uid, fetched[uid]) for uid in batch if uid in fetched]
                 await self._batch(items, mailbox, summary)
                 if self.stopping:
@@ -240,7 +248,7 @@ class Forwarder:
             summary.quarantined += len(marks.quarantined)
 
     def _prepare(self, uid: int, raw: bytes) -> _Message:
-        if not raw.strip():
+        if not raw or raw.isspace():
             raise ValueError("empty message")
         header_block, body = split_message(raw)
         if _BARE_CR.search(header_block):
@@ -305,11 +313,11 @@ class Forwarder:
         message.interrupted = sum(
             1 for a in due if (s := states.get(normalize(a))) and s.status is Status.PENDING
         )
-        data = self._trace(message.route) + message.raw
+        prefix = self._trace(message.route)
         for start in range(0, len(due), MAX_RCPT):
             chunk = due[start : start + MAX_RCPT]
             async with self.smtp.session() as relay:
-                replies = await relay.send(self.settings.envelope_from, chunk, data)
+                replies = await relay.send(self.settings.envelope_from, chunk, prefix, message.raw)
             deliveries = tuple(
                 classify(
                     normalize(a),
@@ -411,6 +419,19 @@ class Forwarder:
         lines = [f"Received: by {self.hostname} (forwarder); {formatdate(self.clock())}\r\n"]
         lines += [f"X-Loop: {address}\r\n" for address in decision.lists]
         return "".join(lines).encode("ascii", "replace")
+
+
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux VmHWM; getrusage would also count the
+    memory of the parent that spawned us, before exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _due(state: MemberState | None, now: float) -> bool:

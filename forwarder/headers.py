@@ -18,14 +18,18 @@ TRACE_HEADERS = frozenset(
 )
 
 
-def split_message(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block, body). A message without a blank line is all headers."""
+def split_message(raw: bytes) -> tuple[bytes, memoryview]:
+    """(header block, body). A message without a blank line is all headers.
+
+    The body is a view into `raw`, not a copy: it is only hashed.
+    """
+    view = memoryview(raw)
     if raw.startswith((b"\r\n", b"\n")):
-        return b"", raw.removeprefix(b"\r").removeprefix(b"\n")
+        return b"", view[2 if raw.startswith(b"\r\n") else 1 :]
     match = _BLANK_LINE.search(raw)
     if match is None:
-        return raw, b""
-    return raw[: match.start()], raw[match.end() :]
+        return raw, view[len(raw) :]
+    return raw[: match.start()], view[match.end() :]
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ def message_id(headers: Headers) -> str | None:
     return ident.lower() or None
 
 
-def message_key(header_block: bytes, headers: Headers, body: bytes) -> str:
+def message_key(header_block: bytes, headers: Headers, body: bytes | memoryview) -> str:
     """Identity of a message for deduplication across copies, polls and restarts.
 
     The normalised Message-ID, qualified by a digest of the body so that two

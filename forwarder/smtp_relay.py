@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import aiosmtplib
 from aiosmtplib import (
     SMTPAuthenticationError,
-    SMTPDataError,
     SMTPException,
     SMTPRecipientRefused,
     SMTPResponseException,
@@ -26,6 +25,7 @@ from aiosmtplib import (
 from forwarder.config import Settings
 from forwarder.errors import SmtpAuthError, SmtpError
 from forwarder.tls import tls_context
+from forwarder.wire import data_pieces
 
 CONNECT_TIMEOUT = 60.0  # RFC 5321 4.5.3.2: 5 minutes for most commands; connecting is quicker
 
@@ -65,7 +65,7 @@ class SmtpRelay:
             port=s.smtp_port_effective,
             use_tls=s.smtp_security == "tls",
             start_tls=False,  # done below, so that a missing STARTTLS gets a clear error
-            tls_context=tls_context(s),
+            tls_context=tls_context(s, s.smtp_security),
             timeout=CONNECT_TIMEOUT,
         )
         try:
@@ -97,12 +97,12 @@ class SmtpRelay:
         self._smtp = smtp
 
     async def send(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
     ) -> dict[str, Reply]:
         """One transaction. Returns each recipient's reply; raises SmtpError if the link fails."""
         timeout = self.settings.smtp_timeout
         try:
-            refused = await self._mail(mail_from, recipients, data)
+            refused = await self._mail(mail_from, recipients, prefix, raw)
             if refused is not None:
                 return refused
             smtp = self._smtp
@@ -117,12 +117,7 @@ class SmtpRelay:
             if not accepted:
                 await self._reset()
                 return replies
-            try:
-                response = await smtp.data(data, timeout=timeout)
-                final = Reply(response.code, response.message)
-            except SMTPDataError as exc:
-                final = Reply(exc.code, exc.message)
-                await self._reset()
+            final = await self._data(smtp, prefix, raw, timeout)
             replies.update(dict.fromkeys(accepted, final))
             return replies
         except SmtpError:
@@ -132,8 +127,28 @@ class SmtpRelay:
             self.drop()
             raise SmtpError(f"{self.server}: {_describe(exc)}") from None
 
+    async def _data(
+        self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes, timeout: float
+    ) -> Reply:
+        """DATA, streamed: pieces are written as the socket drains, never a whole copy."""
+        response = await smtp.execute_command(b"DATA", timeout=timeout)
+        if response.code != 354:
+            return Reply(response.code, response.message)
+        protocol = smtp.protocol
+        assert protocol is not None
+        drain = getattr(protocol, "_drain_helper", None)  # aiosmtplib's flow control
+        pieces = data_pieces(prefix, raw)
+        for piece in pieces:
+            protocol.write(piece)
+            if piece == b".\r\n":
+                break  # read the reply at once: no await between the dot and the read
+            if drain is not None:
+                await drain()
+        response = await protocol.read_response(timeout=timeout)
+        return Reply(response.code, response.message)
+
     async def _mail(
-        self, mail_from: str, recipients: Sequence[str], data: bytes
+        self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
     ) -> dict[str, Reply] | None:
         """MAIL FROM, on a fresh connection if the reused one went stale (nothing sent yet).
 
@@ -146,12 +161,15 @@ class SmtpRelay:
             smtp = self._smtp
             assert smtp is not None
             limit = _size_limit(smtp)
-            if limit and len(data) > limit:
-                text = f"message size {len(data)} exceeds the server's limit of {limit}"
+            size = len(prefix) + len(raw)
+            if limit and size > limit:
+                text = f"message size {size} exceeds the server's limit of {limit}"
                 return dict.fromkeys(recipients, Reply(552, text))
             try:
                 await smtp.mail(
-                    mail_from, options=_mail_options(smtp, data), timeout=self.settings.smtp_timeout
+                    mail_from,
+                    options=_mail_options(smtp, size, raw.isascii()),
+                    timeout=self.settings.smtp_timeout,
                 )
                 return None
             except SMTPServerDisconnected:
@@ -239,11 +257,11 @@ def _size_limit(smtp: aiosmtplib.SMTP) -> int:
     return int(value) if value.strip().isdigit() else 0
 
 
-def _mail_options(smtp: aiosmtplib.SMTP, data: bytes) -> list[str]:
+def _mail_options(smtp: aiosmtplib.SMTP, size: int, ascii_only: bool) -> list[str]:
     options: list[str] = []
     if smtp.supports_extension("size"):
-        options.append(f"SIZE={len(data)}")
-    if not data.isascii():
+        options.append(f"SIZE={size}")
+    if not ascii_only:
         if smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if smtp.supports_extension("smtputf8"):
