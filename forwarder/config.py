@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
 
     lists: Annotated[dict[str, tuple[str, ...]], NoDecode]
+    lists_file: Path | None = None  # the same JSON in a file: for more than a few hundred lists
     member_domains: Annotated[tuple[str, ...], NoDecode] = ()
     envelope_sender: str | None = None
 
@@ -84,6 +85,24 @@ class Settings(BaseSettings):
     smtp_connections: int = Field(default=4, ge=1, le=32)
     smtp_timeout: float = Field(default=600.0, gt=0)
     imap_timeout: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_lists_file(cls, data: Any) -> Any:
+        """FORWARDER_LISTS_FILE: the lists as a JSON file (an environment variable is limited
+        to 128 KiB by Linux, a few hundred lists)."""
+        if not isinstance(data, dict) or not data.get("lists_file"):
+            return data
+        if data.get("lists"):
+            raise ValueError(
+                f"{env_name('lists')} and {env_name('lists_file')} are both set; keep one")
+        path = Path(data["lists_file"])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ValueError(f"{env_name('lists_file')}: cannot read {path} ({reason})") from None
+        return {**data, "lists": text}
 
     @field_validator("log_format", "log_level", "imap_security", "smtp_security", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -592,3 +593,25 @@ def test_misspelt_forwarder_variable_is_refused(monkeypatch: pytest.MonkeyPatch)
     assert str(error) == (
         "FORWARDER_SMTP_SECURTY is not a forwarder setting; did you mean FORWARDER_SMTP_SECURITY?"
     )
+
+
+def test_lists_can_come_from_a_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "lists.json"
+    path.write_text('{"team@example.org": ["Ann@example.org"]}', encoding="utf-8")
+    settings = load_without("lists", lists_file=str(path))
+    assert settings.expanded_lists() == {"team@example.org": ("Ann@example.org",)}
+
+
+def test_lists_file_and_lists_together_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lists.json"
+    path.write_text('{"team@example.org": ["ann@example.org"]}', encoding="utf-8")
+    error = config_error(lists_file=str(path))
+    assert "FORWARDER_LISTS and FORWARDER_LISTS_FILE are both set" in str(error)
+
+
+def test_unreadable_lists_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_without("lists", lists_file=str(tmp_path / "missing.json"))
+    error = caught.value
+    assert str(error).startswith("FORWARDER_LISTS_FILE: cannot read")
+    assert "No such file" in str(error)
