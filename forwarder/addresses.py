@@ -16,6 +16,11 @@ _ADDRESS = re.compile(rf"(?<![.{_ATOM_CHARS}]){_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\
 # the search backtrack quadratically on hostile input.
 _RECEIVED_FOR = re.compile(r"\bfor\s+(?:<\s*)?([^\s<>;\"@]+@[^\s<>;\"]+?)\s*>?\s*(?:;|\s|$)", re.I)
 
+# Header values simple enough not to need the full RFC 5322 parser (most To/Cc/From):
+# plain addresses separated by commas, or one `Display Name <address>`.
+_SPECIALS = frozenset('"()<>\\:;')
+_NAME_ADDR = re.compile(r'\s*[^"()<>\\,:;]*<([^"()<>\\,:;\s]+)>\s*')
+
 # Parsing a header is bounded: a hostile 10 MB To line is cut, not parsed whole.
 MAX_PARSED_HEADER = 256 * 1024
 
@@ -46,15 +51,25 @@ def addresses_in(values: Iterable[str]) -> list[str]:
     found: list[str] = []
     for value in values:
         value = value[:MAX_PARSED_HEADER]
-        try:
-            pairs = getaddresses([value])
-        except Exception:  # hostile input must never stop routing
-            pairs = []
-        candidates = [addr for _, addr in pairs if addr]
+        candidates = _simple_candidates(value)
+        if candidates is None:
+            try:
+                pairs = getaddresses([value])
+            except Exception:  # hostile input must never stop routing
+                pairs = []
+            candidates = [addr for _, addr in pairs if addr]
         if not any(is_valid_address(c) for c in candidates):
             candidates = _ADDRESS.findall(value)
         found.extend(normalize(c) for c in candidates if is_valid_address(c))
     return found
+
+
+def _simple_candidates(value: str) -> list[str] | None:
+    """The addresses of a simple value without the full parser; None when it is not simple."""
+    if _SPECIALS.isdisjoint(value):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    match = _NAME_ADDR.fullmatch(value)
+    return [match.group(1)] if match else None
 
 
 def received_for(value: str) -> str | None:

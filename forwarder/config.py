@@ -95,7 +95,8 @@ class Settings(BaseSettings):
             return data
         if data.get("lists"):
             raise ValueError(
-                f"{env_name('lists')} and {env_name('lists_file')} are both set; keep one")
+                f"{env_name('lists')} and {env_name('lists_file')} are both set; keep one"
+            )
         path = Path(data["lists_file"])
         try:
             text = path.read_text(encoding="utf-8")

@@ -25,7 +25,7 @@ from aiosmtplib import (
 from forwarder.config import Settings
 from forwarder.errors import SmtpAuthError, SmtpError
 from forwarder.tls import tls_context
-from forwarder.wire import data_pieces
+from forwarder.wire import PIECE, data_pieces
 
 CONNECT_TIMEOUT = 60.0  # RFC 5321 4.5.3.2: 5 minutes for most commands; connecting is quicker
 
@@ -136,14 +136,16 @@ class SmtpRelay:
             return Reply(response.code, response.message)
         protocol = smtp.protocol
         assert protocol is not None
-        drain = getattr(protocol, "_drain_helper", None)  # aiosmtplib's flow control
-        pieces = data_pieces(prefix, raw)
-        for piece in pieces:
-            protocol.write(piece)
-            if piece == b".\r\n":
-                break  # read the reply at once: no await between the dot and the read
-            if drain is not None:
-                await drain()
+        if len(prefix) + len(raw) <= PIECE:
+            protocol.write(b"".join(data_pieces(prefix, raw)))  # small: one write, dot included
+        else:
+            drain = getattr(protocol, "_drain_helper", None)  # aiosmtplib's flow control
+            for piece in data_pieces(prefix, raw):
+                protocol.write(piece)
+                if piece == b".\r\n":
+                    break  # read the reply at once: no await between the dot and the read
+                if drain is not None:
+                    await drain()
         response = await protocol.read_response(timeout=timeout)
         return Reply(response.code, response.message)
 
