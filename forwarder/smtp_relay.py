@@ -99,39 +99,53 @@ class SmtpRelay:
     async def send(
         self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
     ) -> dict[str, Reply]:
-        """One transaction. Returns each recipient's reply; raises SmtpError if the link fails."""
-        timeout = self.settings.smtp_timeout
+        """One transaction. Returns each recipient's reply; raises SmtpError if the link fails.
+
+        One deadline (FORWARDER_SMTP_TIMEOUT, default 600 s: RFC 5321 4.5.3.2's 10 minutes
+        for the final reply) covers the whole transaction: a timer per command would cost
+        a task per command.
+        """
         try:
-            refused = await self._mail(mail_from, recipients, prefix, raw)
-            if refused is not None:
-                return refused
-            smtp = self._smtp
-            assert smtp is not None
-            replies: dict[str, Reply] = {}
-            for rcpt in recipients:
-                try:
-                    await smtp.rcpt(rcpt, timeout=timeout)
-                except SMTPRecipientRefused as exc:
-                    replies[rcpt] = Reply(exc.code, exc.message)
-            accepted = [r for r in recipients if r not in replies]
-            if not accepted:
-                await self._reset()
-                return replies
-            final = await self._data(smtp, prefix, raw, timeout)
-            replies.update(dict.fromkeys(accepted, final))
-            return replies
+            async with asyncio.timeout(self.settings.smtp_timeout):
+                return await self._transaction(mail_from, recipients, prefix, raw)
         except SmtpError:
             self.drop()
             raise
-        except (TimeoutError, SMTPServerDisconnected, SMTPException, OSError) as exc:
+        except TimeoutError:
+            self.drop()
+            raise SmtpError(
+                f"{self.server}: no reply within {self.settings.smtp_timeout:g} s "
+                "(FORWARDER_SMTP_TIMEOUT); the message will be sent again"
+            ) from None
+        except (SMTPServerDisconnected, SMTPException, OSError) as exc:
             self.drop()
             raise SmtpError(f"{self.server}: {_describe(exc)}") from None
 
-    async def _data(
-        self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes, timeout: float
-    ) -> Reply:
+    async def _transaction(
+        self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
+    ) -> dict[str, Reply]:
+        refused = await self._mail(mail_from, recipients, prefix, raw)
+        if refused is not None:
+            return refused
+        smtp = self._smtp
+        assert smtp is not None
+        replies: dict[str, Reply] = {}
+        for rcpt in recipients:
+            try:
+                await smtp.rcpt(rcpt, timeout=None)
+            except SMTPRecipientRefused as exc:
+                replies[rcpt] = Reply(exc.code, exc.message)
+        accepted = [r for r in recipients if r not in replies]
+        if not accepted:
+            await self._reset()
+            return replies
+        final = await self._data(smtp, prefix, raw)
+        replies.update(dict.fromkeys(accepted, final))
+        return replies
+
+    async def _data(self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes) -> Reply:
         """DATA, streamed: pieces are written as the socket drains, never a whole copy."""
-        response = await smtp.execute_command(b"DATA", timeout=timeout)
+        response = await smtp.execute_command(b"DATA", timeout=None)
         if response.code != 354:
             return Reply(response.code, response.message)
         protocol = smtp.protocol
@@ -146,7 +160,7 @@ class SmtpRelay:
                     break  # read the reply at once: no await between the dot and the read
                 if drain is not None:
                     await drain()
-        response = await protocol.read_response(timeout=timeout)
+        response = await protocol.read_response(timeout=None)
         return Reply(response.code, response.message)
 
     async def _mail(
@@ -171,7 +185,7 @@ class SmtpRelay:
                 await smtp.mail(
                     mail_from,
                     options=_mail_options(smtp, size, raw.isascii()),
-                    timeout=self.settings.smtp_timeout,
+                    timeout=None,  # under the transaction's deadline
                 )
                 return None
             except SMTPServerDisconnected:
