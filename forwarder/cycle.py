@@ -16,7 +16,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -30,6 +30,7 @@ from forwarder.config import Settings
 from forwarder.errors import ForwarderError
 from forwarder.headers import message_id, message_key, parse_headers, split_message
 from forwarder.imap_source import FORWARD_FAILED, FORWARDED, QUARANTINE, SEEN, ImapSource
+from forwarder.plan import Message, due, fetch_batches, pending_deliveries
 from forwarder.retry import classify
 from forwarder.routing import Route, route
 from forwarder.smtp_relay import SmtpPool
@@ -63,18 +64,6 @@ class CycleSummary:
 
     def as_dict(self) -> dict[str, int]:
         return {k: v for k, v in vars(self).items() if k != "started"}
-
-
-@dataclass
-class _Message:
-    uid: int
-    raw: bytes
-    ident: str | None
-    route: Route
-    key: str
-    started: float = field(default_factory=time.monotonic)
-    sent: int = 0
-    interrupted: int = 0
 
 
 @dataclass
@@ -187,7 +176,9 @@ class Forwarder:
             return
         sizes = await self._imap(self.source.sizes, candidates)
         s = self.settings
-        batches = list(_batches(candidates, sizes, s.fetch_batch_bytes, s.fetch_batch_messages))
+        batches = list(
+            fetch_batches(candidates, sizes, s.fetch_batch_bytes, s.fetch_batch_messages)
+        )
         if not batches:
             return
         # The next batch is fetched while this one is being sent.
@@ -215,7 +206,7 @@ class Forwarder:
         self, items: list[tuple[int, bytes]], mailbox: str, summary: CycleSummary
     ) -> None:
         marks = _Marks()
-        messages: list[_Message] = []
+        messages: list[Message] = []
         skipped: list[Skipped] = []
         for uid, raw in items:
             summary.messages += 1
@@ -247,7 +238,7 @@ class Forwarder:
             summary.forwarded += len(marks.forwarded) + len(marks.failed)
             summary.quarantined += len(marks.quarantined)
 
-    def _prepare(self, uid: int, raw: bytes) -> _Message:
+    def _prepare(self, uid: int, raw: bytes) -> Message:
         if not raw or raw.isspace():
             raise ValueError("empty message")
         header_block, body = split_message(raw)
@@ -258,18 +249,20 @@ class Forwarder:
         headers = parse_headers(header_block)
         decision = route(headers, self.lists)
         key = message_key(header_block, headers, body) if decision.skip is None else ""
-        return _Message(uid, raw, message_id(headers), decision, key)
+        return Message(uid, raw, message_id(headers), decision, key)
 
     async def _send_all(
-        self, messages: list[_Message], summary: CycleSummary, marks: _Marks
+        self, messages: list[Message], summary: CycleSummary, marks: _Marks
     ) -> None:
         """Send a batch: copies of one message in turn, different messages concurrently."""
-        groups: dict[str, list[_Message]] = {}
+        groups: dict[str, list[Message]] = {}
         for message in messages:
             groups.setdefault(message.key, []).append(message)
         states = self.store.member_states(list(groups))
         now = self.clock()
-        pending = [r for copies in groups.values() if (r := _pending(copies, states, now))]
+        pending = [
+            r for copies in groups.values() if (r := pending_deliveries(copies, states, now))
+        ]
         if pending:
             await asyncio.to_thread(self.store.record_pending, pending)
         outcomes = await asyncio.gather(
@@ -285,7 +278,7 @@ class Forwarder:
 
     async def _send_copies(
         self,
-        copies: list[_Message],
+        copies: list[Message],
         states: dict[str, MemberState],
         now: float,
         summary: CycleSummary,
@@ -304,18 +297,18 @@ class Forwarder:
 
     async def _send(
         self,
-        message: _Message,
+        message: Message,
         states: dict[str, MemberState],
         now: float,
         summary: CycleSummary,
     ) -> None:
-        due = [a for a in message.route.recipients if _due(states.get(normalize(a)), now)]
+        wanted = [a for a in message.route.recipients if due(states.get(normalize(a)), now)]
         message.interrupted = sum(
-            1 for a in due if (s := states.get(normalize(a))) and s.status is Status.PENDING
+            1 for a in wanted if (s := states.get(normalize(a))) and s.status is Status.PENDING
         )
         prefix = self._trace(message.route)
-        for start in range(0, len(due), MAX_RCPT):
-            chunk = due[start : start + MAX_RCPT]
+        for start in range(0, len(wanted), MAX_RCPT):
+            chunk = wanted[start : start + MAX_RCPT]
             async with self.smtp.session() as relay:
                 replies = await relay.send(self.settings.envelope_from, chunk, prefix, message.raw)
             deliveries = tuple(
@@ -342,7 +335,7 @@ class Forwarder:
                 )
                 self._count(d, message, summary)
 
-    def _count(self, d: Delivery, message: _Message, summary: CycleSummary) -> None:
+    def _count(self, d: Delivery, message: Message, summary: CycleSummary) -> None:
         if d.status is Status.DELIVERED:
             summary.delivered += 1
             message.sent += 1
@@ -368,7 +361,7 @@ class Forwarder:
                 reply=d.reply,
             )
 
-    def _finish(self, message: _Message, states: dict[str, MemberState], marks: _Marks) -> None:
+    def _finish(self, message: Message, states: dict[str, MemberState], marks: _Marks) -> None:
         recipients = message.route.recipients
         pending = [
             a for a in recipients if not (s := states.get(normalize(a))) or not s.status.final
@@ -432,44 +425,3 @@ def _peak_rss_mb() -> float | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def _due(state: MemberState | None, now: float) -> bool:
-    if state is None or state.status is Status.PENDING:
-        return True
-    return state.status is Status.DEFERRED and (state.next_try or 0) <= now
-
-
-def _pending(
-    copies: list[_Message], states: dict[str, dict[str, MemberState]], now: float
-) -> MessageResult | None:
-    """The deliveries about to be attempted for one message key, to commit before sending."""
-    first = copies[0]
-    due: dict[str, str] = {}
-    for message in copies:
-        for address in message.route.recipients:
-            if _due(states[first.key].get(normalize(address)), now):
-                due.setdefault(normalize(address), address)
-    if not due:
-        return None
-    deliveries = tuple(Delivery(m, a, Status.PENDING) for m, a in due.items())
-    return MessageResult(first.key, first.ident, first.route.lists, deliveries)
-
-
-def _batches(
-    uids: Sequence[int], sizes: dict[int, int], max_bytes: int, max_count: int
-) -> Iterator[list[int]]:
-    """Consecutive groups of UIDs bounded in total size and count (a large message goes alone)."""
-    batch: list[int] = []
-    total = 0
-    for uid in uids:
-        size = sizes.get(uid)
-        if size is None:
-            continue  # expunged since the search
-        if batch and (total + size > max_bytes or len(batch) >= max_count):
-            yield batch
-            batch, total = [], 0
-        batch.append(uid)
-        total += size
-    if batch:
-        yield batch
