@@ -30,7 +30,6 @@ class IdleWatcher:
         self.settings = settings
         self.wake = wake
         self.renew = min(renew, IDLE_RENEW)
-        self.supported: bool | None = None  # unknown until the first login
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imap-idle", daemon=True)
 
@@ -48,14 +47,12 @@ class IdleWatcher:
             try:
                 source.connect()
                 if b"IDLE" not in source.capabilities:
-                    self.supported = False
                     log.info(
                         "idle_unavailable",
                         server=source.server,
                         fallback="polling every FORWARDER_POLL_INTERVAL",
                     )
                     return
-                self.supported = True
                 delay = 1.0
                 self.wake()  # whatever arrived while we were not listening
                 self._idle(source)

@@ -238,7 +238,6 @@ class ImapSource:
         return {
             "idle": b"IDLE" in self.capabilities,
             "move": b"MOVE" in self.capabilities,
-            "uidplus": b"UIDPLUS" in self.capabilities,
         }
 
 

@@ -117,7 +117,7 @@ class SmtpRelay:
                 f"{self.server}: no reply within {self.settings.smtp_timeout:g} s "
                 "(FORWARDER_SMTP_TIMEOUT); the message will be sent again"
             ) from None
-        except (SMTPServerDisconnected, SMTPException, OSError) as exc:
+        except (SMTPException, OSError) as exc:
             self.drop()
             raise SmtpError(f"{self.server}: {_describe(exc)}") from None
 
