@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,24 +35,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith("FORWARDER_") or name in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-
-
-def server_env(mailbox: MailServer, smtp: SmtpSink, state_db: Path) -> dict[str, str]:
-    """FORWARDER_* variables pointing at the test servers (for subprocess tests)."""
-    return {
-        "FORWARDER_IMAP_HOST": mailbox.host,
-        "FORWARDER_IMAP_PORT": str(mailbox.imap_port),
-        "FORWARDER_IMAP_SECURITY": "none",
-        "FORWARDER_IMAP_USERNAME": mailbox.username,
-        "FORWARDER_IMAP_PASSWORD": mailbox.password,
-        "FORWARDER_SMTP_HOST": smtp.host,
-        "FORWARDER_SMTP_PORT": str(smtp.port),
-        "FORWARDER_SMTP_SECURITY": "none",
-        "FORWARDER_LISTS": json.dumps(LISTS),
-        "FORWARDER_ENVELOPE_SENDER": ADMIN,
-        "FORWARDER_STATE_DB": str(state_db),
-        "FORWARDER_LOG_FORMAT": "json",
-    }
 
 
 @pytest.fixture
@@ -101,5 +82,7 @@ def env_for_subprocess(
     mailbox: MailServer, smtp_sink: SmtpSink, tmp_path: Path
 ) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-    env.update(server_env(mailbox, smtp_sink, tmp_path / "state.db"))
+    from tests.servers import server_env  # imported late: pytest_plugins rewrites it first
+
+    env.update(server_env(mailbox, smtp_sink, tmp_path / "state.db", LISTS, ADMIN))
     yield env

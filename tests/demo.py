@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.mail import build_message
-from tests.servers import MailServer, SmtpSink
+from tests.servers import MailServer, SmtpSink, server_env
 
 LISTS = {
     "contact@example.org": ["alice@example.org", "bob@example.org"],
@@ -91,22 +91,7 @@ def main() -> None:
             mail.deliver(raw, rcpts)
             print(f"  - {label}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-        env.update(
-            {
-                "FORWARDER_IMAP_HOST": mail.host,
-                "FORWARDER_IMAP_PORT": str(mail.imap_port),
-                "FORWARDER_IMAP_SECURITY": "none",
-                "FORWARDER_IMAP_USERNAME": mail.username,
-                "FORWARDER_IMAP_PASSWORD": mail.password,
-                "FORWARDER_SMTP_HOST": sink.host,
-                "FORWARDER_SMTP_PORT": str(sink.port),
-                "FORWARDER_SMTP_SECURITY": "none",
-                "FORWARDER_LISTS": json.dumps(LISTS),
-                "FORWARDER_ENVELOPE_SENDER": "lists-admin@example.org",
-                "FORWARDER_STATE_DB": str(Path(tmp) / "state.db"),
-                "FORWARDER_LOG_FORMAT": "json",
-            }
-        )
+        env.update(server_env(mail, sink, Path(tmp) / "state.db", LISTS, "lists-admin@example.org"))
         run_forwarder(env)
         print("\nWho received what (from the SMTP sink):")
         copies: Counter[str] = Counter()

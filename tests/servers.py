@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
 import pwd
 import shutil
@@ -52,6 +53,7 @@ __all__ = [
     "mailbox",
     "mailserver",
     "self_signed_certificate",
+    "server_env",
     "smtp_sink",
     "starttls_sink",
     "tls_mailbox",
@@ -917,3 +919,24 @@ def starttls_sink() -> Iterator[SmtpSink]:
     """An SmtpSink offering STARTTLS with a self-signed certificate (``ca_file``)."""
     with SmtpSink(tls="starttls") as sink:
         yield sink
+
+
+def server_env(
+    mail: MailServer, smtp: SmtpSink, state_db: Path, lists: dict[str, list[str]],
+    envelope_sender: str,
+) -> dict[str, str]:
+    """FORWARDER_* variables pointing a forwarder process at these servers."""
+    return {
+        "FORWARDER_IMAP_HOST": mail.host,
+        "FORWARDER_IMAP_PORT": str(mail.imap_port),
+        "FORWARDER_IMAP_SECURITY": "none",
+        "FORWARDER_IMAP_USERNAME": mail.username,
+        "FORWARDER_IMAP_PASSWORD": mail.password,
+        "FORWARDER_SMTP_HOST": smtp.host,
+        "FORWARDER_SMTP_PORT": str(smtp.port),
+        "FORWARDER_SMTP_SECURITY": "none",
+        "FORWARDER_LISTS": json.dumps(lists),
+        "FORWARDER_ENVELOPE_SENDER": envelope_sender,
+        "FORWARDER_STATE_DB": str(state_db),
+        "FORWARDER_LOG_FORMAT": "json",
+    }
