@@ -1,4 +1,4 @@
-"""Shared fixtures: real Dovecot and SMTP servers (tests/servers.py), settings for them."""
+"""Shared fixtures: real Dovecot and SMTP servers (tests/servers/), settings for them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,15 @@ from forwarder.state import SqliteStateStore
 if TYPE_CHECKING:
     from tests.servers import MailServer, SmtpSink
 
-pytest_plugins = ["tests.servers", "tests.faults"]  # real servers, then faults in front of them
+# Real servers (one module each, with its fixtures), then faults in front of them.
+# The package comes first: that marks all its modules for assertion rewriting
+# before its __init__ imports them.
+pytest_plugins = [
+    "tests.servers",
+    "tests.servers.dovecot",
+    "tests.servers.sink",
+    "tests.faults",
+]
 
 LISTS: dict[str, list[str]] = {
     "contact@example.org": ["alice@example.org", "bob@example.org"],

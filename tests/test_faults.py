@@ -1,6 +1,6 @@
 """Reliability under faults: no message lost, no member served twice.
 
-Real Dovecot and a real SMTP server (tests/servers.py), with faults injected
+Real Dovecot and a real SMTP server (tests/servers/), with faults injected
 by the SMTP sink itself or by a TCP proxy in front of either server
 (tests/faults.py). The last section checks the fault injectors themselves.
 """

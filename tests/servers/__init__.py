@@ -1,0 +1,40 @@
+"""Real servers for the test suite, on free loopback ports, one module each.
+
+* :mod:`tests.servers.common`: loopback address, free ports, readiness probes,
+  self-signed certificates, ``server_env``.
+* :mod:`tests.servers.dovecot`: :class:`MailServer`, a private Dovecot (IMAP +
+  LMTP) with a catch-all mailbox; fixtures ``mailserver``, ``mailbox``,
+  ``tls_mailserver``, ``tls_mailbox``.
+* :mod:`tests.servers.sink`: :class:`SmtpSink`, an aiosmtpd server recording
+  every transaction; fixtures ``smtp_sink``, ``starttls_sink``.
+
+``from tests.servers import X`` works for every class and helper.  The
+fixtures are registered by listing each submodule in ``pytest_plugins``
+(``tests/conftest.py``); they are deliberately not re-exported here, so that no
+fixture is registered twice.  Everything here must run as root, as tests and
+CI do.
+"""
+
+from tests.servers.common import (
+    LOOPBACK,
+    free_port,
+    port_is_bindable,
+    self_signed_certificate,
+    server_env,
+    wait_for_port,
+)
+from tests.servers.dovecot import MailServer
+from tests.servers.sink import Received, SinkTls, SmtpSink
+
+__all__ = [
+    "LOOPBACK",
+    "MailServer",
+    "Received",
+    "SinkTls",
+    "SmtpSink",
+    "free_port",
+    "port_is_bindable",
+    "self_signed_certificate",
+    "server_env",
+    "wait_for_port",
+]

@@ -1,0 +1,114 @@
+"""What every test server shares: the loopback address, free ports, readiness
+probes and self-signed certificates."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.servers.dovecot import MailServer
+    from tests.servers.sink import SmtpSink
+
+__all__ = [
+    "LOOPBACK",
+    "free_port",
+    "port_is_bindable",
+    "self_signed_certificate",
+    "server_env",
+    "wait_for_port",
+]
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port that was free on ``host`` a moment ago.
+
+    Needed only for servers that must be told a concrete port (Dovecot); the
+    port could in theory be taken before the server binds it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, deadline: float, greeting: bytes = b"") -> bool:
+    """Poll until ``host:port`` accepts a connection (and its first line starts
+    with ``greeting``) or the monotonic ``deadline`` passes."""
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0) as sock:
+                if not greeting or sock.makefile("rb").readline().startswith(greeting):
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
+def port_is_bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def self_signed_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]:
+    """``cert.pem`` and ``key.pem`` in ``directory``: a self-signed certificate for
+    ``localhost``, 127.0.0.1 and ``host`` (the certificate is its own CA file)."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the openssl command is needed for TLS test servers")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    options = "-x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2"
+    san = f"subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{host}"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            *options.split(),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            san,
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    return cert, key
+
+
+def server_env(
+    mail: MailServer, smtp: SmtpSink, state_db: Path, lists: dict[str, list[str]],
+    envelope_sender: str,
+) -> dict[str, str]:
+    """FORWARDER_* variables pointing a forwarder process at these servers."""
+    return {
+        "FORWARDER_IMAP_HOST": mail.host,
+        "FORWARDER_IMAP_PORT": str(mail.imap_port),
+        "FORWARDER_IMAP_SECURITY": "none",
+        "FORWARDER_IMAP_USERNAME": mail.username,
+        "FORWARDER_IMAP_PASSWORD": mail.password,
+        "FORWARDER_SMTP_HOST": smtp.host,
+        "FORWARDER_SMTP_PORT": str(smtp.port),
+        "FORWARDER_SMTP_SECURITY": "none",
+        "FORWARDER_LISTS": json.dumps(lists),
+        "FORWARDER_ENVELOPE_SENDER": envelope_sender,
+        "FORWARDER_STATE_DB": str(state_db),
+        "FORWARDER_LOG_FORMAT": "json",
+    }
