@@ -8,8 +8,9 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
     from tests.servers.dovecot import MailServer
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOOPBACK",
+    "Server",
     "free_port",
+    "log_tail",
     "port_is_bindable",
     "self_signed_certificate",
     "server_env",
@@ -25,6 +28,42 @@ __all__ = [
 ]
 
 LOOPBACK = "127.0.0.1"
+
+
+class Server:
+    """What the test servers' classes share: ``with server:`` starts it and
+    closes it at the end; ``restart()`` is ``stop()`` then ``start()``."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop, and remove whatever the server left on disk."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def log_tail(paths: Iterable[Path], lines: int = 30) -> str:
+    """The last ``lines`` lines of each existing file of ``paths``, each under its name."""
+    text = ""
+    for path in paths:
+        if path.exists():
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            text += f"--- {path.name}\n" + "\n".join(tail) + "\n"
+    return text
 
 
 def free_port(host: str = LOOPBACK) -> int:

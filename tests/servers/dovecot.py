@@ -27,7 +27,9 @@ from imapclient import IMAPClient
 
 from tests.servers.common import (
     LOOPBACK,
+    Server,
     free_port,
+    log_tail,
     port_is_bindable,
     self_signed_certificate,
     wait_for_port,
@@ -36,7 +38,7 @@ from tests.servers.common import (
 __all__ = ["MailServer", "mailbox", "mailserver", "tls_mailbox", "tls_mailserver"]
 
 
-class MailServer:
+class MailServer(Server):
     """A private Dovecot (IMAP + LMTP) with one catch-all mailbox.
 
     Every LMTP recipient, whatever its address, is stored in the one maildir
@@ -87,13 +89,6 @@ class MailServer:
             self.ca_file = self._make_certificate()
 
     # ---------------------------------------------------------------- lifecycle
-
-    def __enter__(self) -> MailServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def running(self) -> bool:
@@ -147,22 +142,13 @@ class MailServer:
                     raise RuntimeError(f"port {port} still busy after Dovecot stopped")
                 time.sleep(0.02)
 
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
     def close(self) -> None:
         """Stop Dovecot and remove its directory."""
         self.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
-        text = ""
-        for path in (self.stderr_path, self.log_path):
-            if path.exists():
-                tail = path.read_text(errors="replace").splitlines()[-lines:]
-                text += f"--- {path.name}\n" + "\n".join(tail) + "\n"
-        return text
+        return log_tail((self.stderr_path, self.log_path), lines)
 
     # ---------------------------------------------------------------- mail
 

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import (
     Session,
 )
 
-from tests.servers.common import LOOPBACK, self_signed_certificate
+from tests.servers.common import LOOPBACK, Server, self_signed_certificate
 
 __all__ = ["Received", "SinkTls", "SmtpSink", "smtp_sink", "starttls_sink"]
 
@@ -193,7 +193,7 @@ class _SinkController(_PortZeroController):
         return _SinkSMTP(self.handler, sink=sink, **kwargs)
 
 
-class SmtpSink:
+class SmtpSink(Server):
     """An aiosmtpd server on a free loopback port that records every transaction.
 
     ``Received.data`` are the exact bytes of the DATA section after
@@ -281,13 +281,6 @@ class SmtpSink:
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(cert, key)
             self.ca_file, self._server_context = cert, context
-
-    def __enter__(self) -> SmtpSink:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def running(self) -> bool:
