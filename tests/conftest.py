@@ -1,4 +1,4 @@
-"""Shared fixtures: real Dovecot and SMTP servers (tests/servers/), settings for them."""
+"""Shared fixtures: real Dovecot, SMTP and PostgreSQL servers (tests/servers/), settings."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.servers",
     "tests.servers.dovecot",
     "tests.servers.sink",
+    "tests.servers.postgres",
     "tests.faults",
 ]
 
@@ -38,9 +39,12 @@ MakeSettings = Callable[..., Settings]
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No FORWARDER_* variable or .env file of the developer leaks into a test."""
+    """No FORWARDER_* or libpq PG* variable or .env file of the developer leaks into a test."""
     for name in list(os.environ):
-        if name.startswith("FORWARDER_") or name in ("CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+        if name.startswith(("FORWARDER_", "PG")) or name in (
+            "CREDENTIALS_DIRECTORY",
+            "NOTIFY_SOCKET",
+        ):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
 

@@ -7,6 +7,9 @@
   ``tls_mailserver``, ``tls_mailbox``.
 * :mod:`tests.servers.sink`: :class:`SmtpSink`, an aiosmtpd server recording
   every transaction; fixtures ``smtp_sink``, ``starttls_sink``.
+* :mod:`tests.servers.postgres`: :class:`PostgresCluster`, a private PostgreSQL
+  cluster; fixtures ``postgres_cluster`` (per session), ``postgres_db`` (a
+  fresh database per test).
 
 ``from tests.servers import X`` works for every class and helper.  The
 fixtures are registered by listing each submodule in ``pytest_plugins``
@@ -24,16 +27,20 @@ from tests.servers.common import (
     wait_for_port,
 )
 from tests.servers.dovecot import MailServer
+from tests.servers.postgres import PostgresCluster, PostgresDatabase, postgres_bin_dir
 from tests.servers.sink import Received, SinkTls, SmtpSink
 
 __all__ = [
     "LOOPBACK",
     "MailServer",
+    "PostgresCluster",
+    "PostgresDatabase",
     "Received",
     "SinkTls",
     "SmtpSink",
     "free_port",
     "port_is_bindable",
+    "postgres_bin_dir",
     "self_signed_certificate",
     "server_env",
     "wait_for_port",
