@@ -25,6 +25,7 @@ pytest_plugins = [
     "tests.servers.sink",
     "tests.servers.postgres",
     "tests.faults",
+    "tests.imap_faults",
 ]
 
 LISTS: dict[str, list[str]] = {

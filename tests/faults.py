@@ -236,20 +236,26 @@ class FaultProxy:
         self._links.add(link)
         self.accepted += 1
         try:
-            try:
-                up_reader, link.server = await asyncio.open_connection(
-                    self.target_host, self.target_port, limit=_CHUNK
-                )
-            except OSError:
-                return  # the target is down: the client sees the connection closed
-            await asyncio.gather(
-                self._pump(link, reader, link.server, "client"),
-                self._pump(link, up_reader, writer, "server"),
-            )
+            await self._relay(link, reader, writer)
         finally:
             link.abort()
             self._links.discard(link)
             link.closed.set_result(None)
+
+    async def _relay(
+        self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Connect to the target and copy both ways until either end closes."""
+        try:
+            up_reader, link.server = await asyncio.open_connection(
+                self.target_host, self.target_port, limit=_CHUNK
+            )
+        except OSError:
+            return  # the target is down: the client sees the connection closed
+        await asyncio.gather(
+            self._pump(link, reader, link.server, "client"),
+            self._pump(link, up_reader, writer, "server"),
+        )
 
     async def _pump(
         self,
