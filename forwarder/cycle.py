@@ -27,9 +27,16 @@ import structlog
 from forwarder.addresses import normalize
 from forwarder.committer import GroupCommitter
 from forwarder.config import Settings
-from forwarder.errors import ForwarderError
+from forwarder.errors import ForwarderError, KeywordsNotSupported, UnreadableMessage
 from forwarder.headers import message_id, message_key, parse_headers, split_message
-from forwarder.imap_source import FORWARD_FAILED, FORWARDED, QUARANTINE, SEEN, ImapSource
+from forwarder.imap_source import (
+    FORWARD_FAILED,
+    FORWARDED,
+    QUARANTINE,
+    SEEN,
+    Fetched,
+    ImapSource,
+)
 from forwarder.plan import Message, due, fetch_batches, pending_deliveries
 from forwarder.retry import classify
 from forwarder.routing import Route, route
@@ -108,7 +115,21 @@ class Forwarder:
                 self.source.drop()
         if not self.source.connected:
             await self._imap(self.source.connect)
+            self._require_keywords()
         await self.smtp.connect()
+
+    def _require_keywords(self) -> None:
+        """The cycle finds new mail by `UNKEYWORD $Forwarded` until the state store records
+        every UID it has examined: a folder that cannot keep the keyword is refused."""
+        if not self.source.keywords:
+            source = self.source
+            permanent = " ".join(sorted(f.decode() for f in source.permanent_flags)) or "none"
+            raise KeywordsNotSupported(
+                f"folder {self.settings.imap_folder!r} does not keep the keyword $Forwarded "
+                f"(PERMANENTFLAGS: {permanent})",
+                server=source.server,
+                advice="the forwarder needs user keywords to remember what it forwarded",
+            )
 
     async def close(self) -> None:
         await self.smtp.close()
@@ -182,7 +203,7 @@ class Forwarder:
         if not batches:
             return
         # The next batch is fetched while this one is being sent.
-        fetch: asyncio.Task[dict[int, bytes]] | None = asyncio.create_task(
+        fetch: asyncio.Task[Fetched[bytes]] | None = asyncio.create_task(
             self._imap(self.source.fetch, batches[0], sizes)
         )
         try:
@@ -193,8 +214,8 @@ class Forwarder:
                     fetch = asyncio.create_task(
                         self._imap(self.source.fetch, batches[index + 1], sizes)
                     )
-                items = [(uid, fetched[uid]) for uid in batch if uid in fetched]
-                await self._batch(items, mailbox, summary)
+                items = [(uid, fetched.found[uid]) for uid in batch if uid in fetched.found]
+                await self._batch(items, mailbox, summary, fetched.unreadable)
                 if self.stopping:
                     return
         finally:
@@ -203,9 +224,16 @@ class Forwarder:
                     await fetch
 
     async def _batch(
-        self, items: list[tuple[int, bytes]], mailbox: str, summary: CycleSummary
+        self,
+        items: list[tuple[int, bytes]],
+        mailbox: str,
+        summary: CycleSummary,
+        unreadable: dict[int, UnreadableMessage],
     ) -> None:
         marks = _Marks()
+        for uid, error in unreadable.items():  # the server cannot give it: the others go on
+            summary.messages += 1
+            self._quarantine(uid, b"", error, marks)
         messages: list[Message] = []
         skipped: list[Skipped] = []
         for uid, raw in items:
@@ -396,7 +424,7 @@ class Forwarder:
             reason=str(exc) or type(exc).__name__,
             error_type=type(exc).__name__,
             size=len(raw),
-            exc_info=not isinstance(exc, ValueError),
+            exc_info=not isinstance(exc, ValueError | UnreadableMessage),
         )
 
     async def _mark(self, marks: _Marks) -> None:

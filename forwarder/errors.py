@@ -92,12 +92,22 @@ class ImapAuthError(AuthError, ImapError):
     """The IMAP server refused the catch-all login."""
 
 
+class ImapBusyError(ImapError):
+    """The IMAP server refused the session for now (a connection limit, a subsystem down,
+    a BYE): not the credentials. Retried with back-off, never fatal."""
+
+
+class UnreadableMessage(ImapError):
+    """The IMAP server could not give one message (an unreadable mail file): the others go on."""
+
+
 class SmtpAuthError(AuthError, SmtpError):
     """The SMTP server refused the submission login."""
 
 
 class KeywordsNotSupported(ImapError):
-    """The mailbox does not accept the `$Forwarded` keyword."""
+    """The folder does not keep the `$Forwarded` keyword (needed until the state store
+    records every UID it has examined)."""
 
     exit_status = EXIT_CONFIG
 

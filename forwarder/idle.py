@@ -3,6 +3,9 @@
 It runs in its own thread because imapclient blocks. IDLE is re-issued every
 `idle_renew` seconds (29 minutes at most: servers may drop an IDLE after 30);
 any error closes the connection and retries with backoff, the poll keeps running.
+A login refused for now (`ImapBusyError`: a connection limit) is retried with a
+longer backoff, never given up; only refused credentials end the thread (the poll
+cycle reports them and stops).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from collections.abc import Callable
 import structlog
 
 from forwarder.config import Settings
-from forwarder.errors import AuthError, ForwarderError
+from forwarder.errors import AuthError, ForwarderError, ImapBusyError
 from forwarder.imap_source import ImapSource
 
 log = structlog.get_logger("forwarder.idle")
 IDLE_RENEW = 29 * 60.0
 CHECK_EVERY = 1.0  # how often the thread looks at the stop flag while idling
 NEW_MAIL = (b"EXISTS", b"RECENT")
+MAX_BACKOFF = 60.0
+MAX_BUSY_BACKOFF = 300.0  # a connection limit does not go away quickly
 
 
 class IdleWatcher:
@@ -44,6 +49,7 @@ class IdleWatcher:
         delay = 1.0
         while not self._stop.is_set():
             source = ImapSource(self.settings)
+            limit = MAX_BACKOFF
             try:
                 source.connect()
                 if b"IDLE" not in source.capabilities:
@@ -59,6 +65,9 @@ class IdleWatcher:
             except AuthError as exc:
                 log.error("idle_failed", error=str(exc))  # the poll cycle reports and stops
                 return
+            except ImapBusyError as exc:
+                log.warning("idle_refused", error=str(exc), retry_in=delay)
+                limit = MAX_BUSY_BACKOFF
             except (ForwarderError, OSError) as exc:
                 log.warning("idle_interrupted", error=str(exc), retry_in=delay)
             except Exception as exc:  # never let the thread die silently
@@ -66,7 +75,7 @@ class IdleWatcher:
             finally:
                 source.close()
             self._stop.wait(delay)
-            delay = min(delay * 2, 60.0)
+            delay = min(delay * 2, limit)
 
     def _idle(self, source: ImapSource) -> None:
         client = source.client

@@ -1,36 +1,70 @@
 """The catch-all mailbox, over IMAP (imapclient, blocking: call it from a thread).
 
-Reads with BODY.PEEK[] so that reading never sets \\Seen; marks with
-`$Forwarded` and `\\Seen` only when told to. Every failure becomes an
-`ImapError` that names the server and says what to do.
+Reads with BODY.PEEK[] so that reading never sets \\Seen; marks only when told
+to. Every failure becomes an `ImapError` that names the server and says what to
+do; a login refused for now (`ImapBusyError`: a connection limit) is told apart
+from refused credentials (`ImapAuthError`), see `forwarder.imap_errors`.
+
+A message the server cannot give does not stop the others: `fetch` and
+`message_info` return it in `unreadable` (`forwarder.imap_fetch`).
+
+Keywords are optional marks: `keywords` says whether the folder keeps
+`$Forwarded` for good (PERMANENTFLAGS has it or `\\*`). `mark()` stores keywords
+apart from `\\Seen` (Courier answers BAD to a STORE naming a keyword, losing the
+`\\Seen` of the same STORE), without `.SILENT`, and returns the UIDs whose FLAGS
+did not keep them: a server may answer OK and drop them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import imaplib
-import socket
-import ssl
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from functools import wraps
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial, wraps
 from typing import Any, ParamSpec, TypeVar
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.exceptions import IMAPClientError
 
 from forwarder.config import Settings
-from forwarder.errors import ImapAuthError, ImapError, KeywordsNotSupported
-from forwarder.tls import tls_context
+from forwarder.errors import ImapError
+from forwarder.imap_connect import connection_failure, open_session
+from forwarder.imap_fetch import (
+    PARTIAL_FETCH,
+    Fetched,
+    MessageInfo,
+    Reader,
+    Refused,
+    chunks,
+    has_all,
+    read_bodies,
+    read_in_parts,
+    read_info,
+    read_resilient,
+    refusals,
+    server_text,
+)
+
+__all__ = [
+    "FORWARDED",
+    "FORWARD_FAILED",
+    "PARTIAL_FETCH",
+    "QUARANTINE",
+    "SEEN",
+    "Fetched",
+    "ImapSource",
+    "MessageInfo",
+]
 
 FORWARDED = b"$Forwarded"
 FORWARD_FAILED = b"$ForwardFailed"
 QUARANTINE = b"$ForwarderQuarantine"
 SEEN = b"\\Seen"
 _UID_CHUNK = 1000
-PARTIAL_FETCH = 256 * 1024  # larger messages are read in parts of this size
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _wrap_errors(method: Callable[P, R]) -> Callable[P, R]:
@@ -43,28 +77,13 @@ def _wrap_errors(method: Callable[P, R]) -> Callable[P, R]:
         try:
             return method(*args, **kwargs)
         except ImapError:
+            self.drop()
             raise
         except (OSError, imaplib.IMAP4.error, IMAPClientError) as exc:
             self.drop()
-            raise ImapError(f"{self.server}: {_describe(exc)}") from exc
+            raise connection_failure(exc, self.settings, self.server) from exc
 
     return wrapper
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS certificate not trusted ({exc.verify_message}); set FORWARDER_TLS_CA_FILE "
-            "for a private CA"
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused; check FORWARDER_IMAP_HOST and FORWARDER_IMAP_PORT"
-    if isinstance(exc, socket.timeout | TimeoutError):
-        return "timed out; the server is unreachable or too slow"
-    if isinstance(exc, socket.gaierror):
-        return f"host name not found ({exc.strerror}); check FORWARDER_IMAP_HOST"
-    text = str(exc) or type(exc).__name__
-    return f"{text} ({type(exc).__name__})"
 
 
 class ImapSource:
@@ -75,6 +94,9 @@ class ImapSource:
         self.server = f"IMAP server {settings.imap_host}:{settings.imap_port_effective}"
         self.client: IMAPClient | None = None
         self.uidvalidity: int = 0
+        self.uidnext: int | None = None  # from SELECT; None if the server did not say
+        self.permanent_flags: frozenset[bytes] = frozenset()
+        self.keywords_refused: str | None = None  # the server's answer to a keyword STORE
         self.capabilities: frozenset[bytes] = frozenset()
 
     @property
@@ -90,45 +112,30 @@ class ImapSource:
     def connected(self) -> bool:
         return self.client is not None
 
+    @property
+    def keywords(self) -> bool:
+        """Whether the folder keeps `$Forwarded` for good (and no keyword STORE failed)."""
+        return self.keeps(FORWARDED)
+
+    def keeps(self, keyword: bytes) -> bool:
+        """RFC 3501 2.3.2: a flag not in PERMANENTFLAGS (nor allowed by `\\*`) lasts only
+        for the session."""
+        if self.keywords_refused is not None:
+            return False
+        permanent = {f.lower() for f in self.permanent_flags}
+        return b"\\*" in permanent or keyword.lower() in permanent
+
     def _session(self) -> IMAPClient:
         if self.client is None:
-            raise ImapError(f"{self.server}: the connection was lost; reconnecting next cycle")
+            raise ImapError("the connection was lost; reconnecting next cycle", server=self.server)
         return self.client
 
     @_wrap_errors
     def connect(self) -> None:
-        """Connect, log in and select the folder; checks that keywords can be stored."""
-        s = self.settings
-        context = tls_context(s, s.imap_security)
-        client = IMAPClient(
-            s.imap_host,
-            port=s.imap_port_effective,
-            ssl=s.imap_security == "tls",
-            ssl_context=context,
-            timeout=s.imap_timeout,
-        )
-        self.client = client
-        if s.imap_security == "starttls":
-            if b"PREAUTH" in (client.welcome or b"").upper()[:20]:
-                raise ImapError(
-                    f"{self.server}: greeted with PREAUTH, so STARTTLS cannot be "
-                    "negotiated; refusing to go on without TLS"
-                )
-            if b"STARTTLS" not in client.capabilities():
-                raise ImapError(
-                    f"{self.server}: STARTTLS is not offered; refusing to log in "
-                    "without TLS (use FORWARDER_IMAP_SECURITY=tls if it has IMAPS)"
-                )
-            client.starttls(context)
-        try:
-            client.login(s.imap_username, s.imap_password.get_secret_value())
-        except LoginError:
-            self.drop()
-            raise ImapAuthError(
-                f"{self.server} refused the login of {s.imap_username}; check "
-                "FORWARDER_IMAP_USERNAME and FORWARDER_IMAP_PASSWORD"
-            ) from None
-        self.capabilities = frozenset(client.capabilities())
+        """Connect, log in and select the folder."""
+        self.drop()
+        self.client = open_session(self.settings, self.server)
+        self.capabilities = frozenset(self.client.capabilities())
         self._select()
 
     def _select(self) -> None:
@@ -138,17 +145,14 @@ class ImapSource:
             info = self.client.select_folder(folder)
         except IMAPClientError as exc:
             raise ImapError(
-                f"{self.server}: cannot select folder {folder!r} ({exc}); check "
-                "FORWARDER_IMAP_FOLDER"
+                f"cannot select folder {folder!r} ({server_text(exc)})",
+                server=self.server,
+                settings=("FORWARDER_IMAP_FOLDER",),
             ) from None
         self.uidvalidity = int(info.get(b"UIDVALIDITY", 0))
-        permanent = {bytes(f) for f in info.get(b"PERMANENTFLAGS", ())}
-        if b"\\*" not in permanent and FORWARDED not in permanent:
-            raise KeywordsNotSupported(
-                f"{self.server}: folder {folder!r} does not accept the keyword $Forwarded "
-                f"(PERMANENTFLAGS: {' '.join(sorted(f.decode() for f in permanent)) or 'none'}); "
-                "the forwarder needs user keywords to remember what it forwarded"
-            )
+        self.uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
+        self.permanent_flags = frozenset(bytes(f) for f in info.get(b"PERMANENTFLAGS", ()))
+        self.keywords_refused = None
 
     @_wrap_errors
     def noop(self) -> None:
@@ -156,67 +160,107 @@ class ImapSource:
 
     @_wrap_errors
     def unforwarded_uids(self) -> list[int]:
-        """UIDs of the messages without `$Forwarded` nor `$ForwarderQuarantine`, oldest first."""
+        """UIDs without `$Forwarded` nor `$ForwarderQuarantine`, oldest first (migration from
+        keyword-only bookkeeping)."""
         client = self._session()
         criteria = ["UNKEYWORD", FORWARDED.decode(), "UNKEYWORD", QUARANTINE.decode()]
         return sorted(int(u) for u in client.search(criteria))
 
     @_wrap_errors
-    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
-        client = self._session()
-        found: dict[int, int] = {}
-        for chunk in _chunks(uids, _UID_CHUNK):
-            for uid, data in client.fetch(chunk, ["RFC822.SIZE"]).items():
-                found[int(uid)] = int(data.get(b"RFC822.SIZE", 0))
-        return found
+    def uids_above(self, uid: int) -> list[int]:
+        """UIDs greater than `uid`, ascending (`UID SEARCH UID uid+1:*`).
 
-    @_wrap_errors
-    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> dict[int, bytes]:
-        """Raw bytes of these messages, read with BODY.PEEK[] (no \\Seen).
-
-        A large message is read in partial fetches into one buffer: a whole-message
-        FETCH costs about three times its size while the response is parsed.
+        Sees every message delivered before the call: a NOOP first, as Dovecot shows new
+        mail to a selected session only then, not to a SEARCH. RFC 3501 6.4.8: `n:*`
+        always includes the highest UID, even when it is below n: the answer is filtered.
         """
         client = self._session()
-        small = [uid for uid in uids if sizes.get(uid, 0) <= PARTIAL_FETCH]
-        found: dict[int, bytes] = {}
-        if small:
-            for uid, data in client.fetch(small, ["BODY.PEEK[]"]).items():
-                raw = data.get(b"BODY[]")
-                if isinstance(raw, bytes):
-                    found[int(uid)] = raw
-        for uid in uids:
-            if sizes.get(uid, 0) > PARTIAL_FETCH:
-                raw = self._fetch_in_parts(client, uid, sizes[uid])
-                if raw is not None:
-                    found[uid] = raw
-        return found
-
-    def _fetch_in_parts(self, client: IMAPClient, uid: int, size: int) -> bytes | None:
-        buffer = bytearray(size)  # allocated once: growing it would copy it
-        offset = 0
-        while True:
-            item = f"BODY.PEEK[]<{offset}.{PARTIAL_FETCH}>"
-            data = client.fetch([uid], [item]).get(uid)
-            if data is None:
-                return None  # expunged meanwhile
-            part = data.get(f"BODY[]<{offset}>".encode())
-            if not isinstance(part, bytes):
-                return None
-            buffer[offset : offset + len(part)] = part
-            offset += len(part)
-            if len(part) < PARTIAL_FETCH:
-                del buffer[offset:]  # the server's size was an estimate
-                # bytes(buffer) would copy it: hand the buffer itself on (bytes-like).
-                return buffer  # type: ignore[return-value]
+        client.noop()
+        found = client.search(["UID", f"{uid + 1}:*"])
+        return sorted(u for u in (int(x) for x in found) if u > uid)
 
     @_wrap_errors
-    def mark(self, uids: Iterable[int], flags: Sequence[bytes]) -> None:
+    def message_info(self, uids: Sequence[int]) -> Fetched[MessageInfo]:
+        """Size, flags and INTERNALDATE of these messages (the server's index, not the
+        bodies); expunged UIDs are simply absent."""
+        return self._read(list(chunks(sorted(uids), _UID_CHUNK)), read_info)
+
+    @_wrap_errors
+    def sizes(self, uids: Sequence[int]) -> dict[int, int]:
+        return {uid: info.size for uid, info in self.message_info(uids).found.items()}
+
+    @_wrap_errors
+    def fetch(self, uids: Sequence[int], sizes: Mapping[int, int]) -> Fetched[bytes]:
+        """Raw bytes of these messages, read with BODY.PEEK[] (no \\Seen); a message larger
+        than PARTIAL_FETCH is read in parts."""
+        small = [uid for uid in uids if sizes.get(uid, 0) <= PARTIAL_FETCH]
+        large = [[uid] for uid in uids if sizes.get(uid, 0) > PARTIAL_FETCH]
+        result = self._read([small] if small else [], read_bodies)
+        return self._read(large, partial(read_in_parts, sizes), into=result)
+
+    def _read(
+        self, parts: list[list[int]], read: Reader[T], into: Fetched[T] | None = None
+    ) -> Fetched[T]:
+        return read_resilient(
+            parts,
+            read,
+            session=self._session,
+            reconnect=self._reconnect,
+            server=self.server,
+            into=into,
+        )
+
+    def _reconnect(self) -> None:
+        """After a BYE: a new session on the same folder, or an error if its UIDs changed."""
+        uidvalidity = self.uidvalidity
+        self.connect()
+        if self.uidvalidity != uidvalidity:
+            raise ImapError(
+                f"UIDVALIDITY changed from {uidvalidity} to {self.uidvalidity} meanwhile",
+                server=self.server,
+            )
+
+    @_wrap_errors
+    def mark(self, uids: Iterable[int], flags: Sequence[bytes]) -> list[int]:
+        """Add `flags`; return the UIDs that did not keep every keyword among them.
+
+        System flags go in a STORE of their own. A keyword the folder cannot keep is not
+        asked for; a keyword STORE refused with NO or BAD turns `keywords` off for the
+        session instead of failing.
+        """
         client = self._session()
-        uid_list = sorted(uids)
-        if uid_list:
-            for chunk in _chunks(uid_list, _UID_CHUNK):
-                client.add_flags(chunk, list(flags), silent=True)
+        system = [f for f in flags if f.startswith(b"\\")]
+        keywords = [f for f in flags if not f.startswith(b"\\")]
+        not_kept: set[int] = set()
+        for chunk in chunks(sorted(uids), _UID_CHUNK):
+            wanted = [k for k in keywords if self.keeps(k)]
+            if len(wanted) < len(keywords):
+                not_kept.update(chunk)
+            if wanted:
+                not_kept.update(self._store_keywords(client, chunk, wanted))
+            if system:
+                client.add_flags(chunk, system, silent=True)
+        return sorted(not_kept)
+
+    def _store_keywords(
+        self, client: IMAPClient, chunk: list[int], wanted: list[bytes]
+    ) -> set[int]:
+        """STORE without .SILENT, then check the FLAGS the server answered."""
+        try:
+            with refusals():
+                answered = client.add_flags(chunk, wanted)
+        except Refused as refused:
+            if refused.closed:
+                raise ImapError(
+                    f"closed the connection ({refused.text})", server=self.server
+                ) from None
+            self.keywords_refused = refused.text
+            return set(chunk)
+        missing = [uid for uid in chunk if not has_all(answered.get(uid), wanted)]
+        if missing:  # no FETCH comes back for a message whose flags did not change
+            current = client.fetch(missing, ["FLAGS"])
+            missing = [u for u in missing if not has_all(current.get(u, {}).get(b"FLAGS"), wanted)]
+        return set(missing)
 
     def drop(self) -> None:
         """Forget the connection without talking to the server."""
@@ -238,9 +282,5 @@ class ImapSource:
         return {
             "idle": b"IDLE" in self.capabilities,
             "move": b"MOVE" in self.capabilities,
+            "keywords": self.keywords,
         }
-
-
-def _chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

@@ -54,7 +54,8 @@ async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
         caps = forwarder.source.describe_capabilities()
         print(
             f"{forwarder.source.server}: login ok, folder {settings.imap_folder!r} selected, "
-            f"keywords ok, IDLE {'yes' if caps['idle'] else 'no'}, "
+            f"keywords {'yes' if caps['keywords'] else 'no'}, "
+            f"IDLE {'yes' if caps['idle'] else 'no'}, "
             f"MOVE {'yes' if caps['move'] else 'no'}",
             file=out,
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.imap_faults import ImapFaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
 
@@ -156,6 +157,28 @@ def test_wrong_password_stops_the_daemon_with_a_clear_error(
     )
     assert result.returncode == 3
     assert "refused the login" in result.stderr
+
+
+def test_connection_limit_at_start_is_retried_not_fatal_and_forwards_once_lifted(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    daemon_env: dict[str, str],
+    start_daemon: type[Daemon],
+    imap_faults: ImapFaultProxy,
+    other_session: threading.Event,
+) -> None:
+    imap_faults.max_logins = 1  # the other client holds the account's only session
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    daemon = start_daemon({**daemon_env, "FORWARDER_IMAP_PORT": str(imap_faults.port)})
+    failed = daemon.wait_for_event("cycle_failed")
+    assert "[LIMIT]" in str(failed["error"])
+    assert daemon.process.poll() is None  # not exit 3: still running, retrying
+    imap_faults.max_logins = None
+    other_session.set()
+    smtp_sink.wait_for(1, timeout=30)
+    status, events, stderr = daemon.stop()
+    assert status == 0, stderr
+    assert "fatal_error" not in [e["event"] for e in events]
 
 
 def test_sigterm_reports_the_run_totals_and_exits_zero(

@@ -11,16 +11,22 @@ Connections that must not carry credentials in clear go through a recording
 
 from __future__ import annotations
 
+import functools
+import shlex
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from forwarder.config import Settings
 from forwarder.errors import ForwarderError
+from forwarder.imap_source import ImapSource
 from tests.conftest import MakeSettings, forward_once
 from tests.faults import FaultProxy
 from tests.mail import build_message
-from tests.servers import MailServer, SmtpSink
+from tests.servers import MailServer, SmtpSink, self_signed_certificate
 
 CONTACT = "contact@example.org"
 SMTP_USER, SMTP_PASSWORD = "relay@example.org", "smtp-secret-9f2c"
@@ -117,6 +123,101 @@ async def test_imap_starttls_against_a_server_without_it_is_refused_without_logg
     assert mailbox.password.encode() not in sent
     assert b"LOGIN" not in sent.upper() and b"AUTHENTICATE" not in sent.upper()
     assert smtp_sink.received == []
+
+
+def expired_certificate(directory: Path, host: str) -> Path:
+    """``cert.pem``/``key.pem`` in ``directory``: a self-signed certificate for ``host``
+    that expired in 2020 (``openssl ca`` is the one that takes explicit dates)."""
+    (directory / "index.txt").write_text("")
+    (directory / "serial").write_text("01\n")
+    (directory / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = it\n[it]\ndir = .\ndatabase = index.txt\nserial = serial\n"
+        "new_certs_dir = .\ndefault_md = sha256\npolicy = any\ncopy_extensions = copy\n"
+        "unique_subject = no\n[any]\ncommonName = supplied\n"
+    )
+    run = functools.partial(subprocess.run, cwd=directory, check=True, capture_output=True)
+    san = f"subjectAltName=DNS:localhost,IP:{host}"
+    run(
+        shlex.split(
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes "
+            f"-subj /CN=localhost -addext {san} -keyout key.pem -out request.pem"
+        )
+    )
+    run(
+        shlex.split(
+            "openssl ca -batch -config ca.cnf -selfsign -keyfile key.pem -in request.pem "
+            "-out cert.pem -startdate 20200101000000Z -enddate 20200102000000Z"
+        )
+    )
+    (directory / "key.pem").chmod(0o600)
+    return directory / "cert.pem"
+
+
+class ExpiredCertificateMailServer(MailServer):
+    """A TLS Dovecot whose certificate expired long ago."""
+
+    def _make_certificate(self) -> Path:
+        return expired_certificate(self.base_dir, self.host)
+
+
+def imap_error(settings: Settings) -> ForwarderError:
+    source = ImapSource(settings)
+    with pytest.raises(ForwarderError) as error:
+        source.connect()
+    assert not source.connected
+    return error.value
+
+
+@pytest.mark.parametrize("security", ["starttls", "none"])
+def test_imap_plain_client_on_an_implicit_tls_port_says_to_use_tls(
+    security: str, tls_mailbox: MailServer, make_settings: MakeSettings
+) -> None:
+    settings = make_settings(
+        imap_port=tls_mailbox.imaps_port, imap_security=security, imap_timeout=1
+    )
+    error = imap_error(settings)  # waits imap_timeout (bounded by GREETING_TIMEOUT) at most
+    assert "expects TLS" in str(error) and "FORWARDER_IMAP_SECURITY=tls" in str(error)
+    assert "FORWARDER_TLS_CA_FILE" not in str(error)
+
+
+def test_imap_tls_client_on_a_plain_port_says_it_speaks_plain_imap(
+    mailbox: MailServer, make_settings: MakeSettings
+) -> None:
+    error = imap_error(make_settings(imap_security="tls"))
+    assert "plain IMAP" in str(error) and "FORWARDER_IMAP_SECURITY=starttls" in str(error)
+    assert "WRONG_VERSION_NUMBER" not in str(error)
+
+
+def test_imap_certificate_of_another_ca_than_the_ca_file_says_so(
+    tls_mailbox: MailServer, make_settings: MakeSettings, tmp_path: Path
+) -> None:
+    other_ca, _key = self_signed_certificate(tmp_path)
+    error = imap_error(make_settings(**imaps(tls_mailbox, tls_ca_file=other_ca)))
+    assert "not trusted" in str(error) and str(other_ca) in str(error)
+    assert "set FORWARDER_TLS_CA_FILE" not in str(error)
+
+
+def test_imap_certificate_for_another_host_name_says_to_use_its_name(
+    tls_mailbox: MailServer, make_settings: MakeSettings
+) -> None:
+    assert tls_mailbox.imaps_port is not None
+    proxy = FaultProxy(tls_mailbox.host, tls_mailbox.imaps_port)
+    proxy.host = "127.0.0.2"  # an address the certificate does not name
+    with proxy:
+        settings = make_settings(
+            **imaps(tls_mailbox, imap_host=proxy.host, imap_port=proxy.port),
+            tls_ca_file=tls_mailbox.ca_file,
+        )
+        error = imap_error(settings)
+    assert "not valid for the name '127.0.0.2'" in str(error)
+    assert "FORWARDER_IMAP_HOST" in str(error) and "FORWARDER_TLS_CA_FILE" not in str(error)
+
+
+def test_imap_expired_certificate_says_it_expired(make_settings: MakeSettings) -> None:
+    with ExpiredCertificateMailServer(tls=True) as server:
+        settings = make_settings(**imaps(server, tls_ca_file=server.ca_file))
+        error = imap_error(settings)
+    assert "expired" in str(error) and "FORWARDER_TLS_CA_FILE" not in str(error)
 
 
 # --------------------------------------------------------------------------- SMTP

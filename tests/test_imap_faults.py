@@ -1,0 +1,155 @@
+"""IMAP servers that refuse, limit or cannot read: logins classified by what the server
+said (RFC 5530), connection limits retried instead of fatal, an unreadable message
+quarantined while the others are forwarded. Real Dovecot, behind ImapFaultProxy where
+a provider's behaviour is needed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from structlog.testing import capture_logs
+
+from forwarder.errors import (
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_RUNTIME,
+    ImapAuthError,
+    ImapBusyError,
+    KeywordsNotSupported,
+)
+from forwarder.idle import IdleWatcher
+from forwarder.imap_source import QUARANTINE, ImapSource
+from tests.conftest import MakeSettings, forward_once
+from tests.imap_faults import ImapFaultProxy, Refusal
+from tests.mail import build_message
+from tests.servers import MailServer, SmtpSink
+from tests.test_imap_source import make_readable, make_unreadable
+
+CONTACT = "contact@example.org"
+
+
+class OneSessionMailServer(MailServer):
+    """Dovecot allowing one IMAP session per user and IP (`mail_max_userip_connections = 1`)."""
+
+    def _config(self) -> str:
+        limited = (
+            super()
+            ._config()
+            .replace("mail_max_userip_connections = 100", "mail_max_userip_connections = 1")
+        )
+        assert limited != super()._config()
+        return limited
+
+
+# --------------------------------------------------------------------------- login refusals
+
+
+@pytest.mark.parametrize("refusal", ["limit", "unavailable", "wording", "bye", "greeting"])
+def test_second_login_refused_for_now_is_a_busy_error_not_refused_credentials(
+    refusal: Refusal,
+    imap_faults: ImapFaultProxy,
+    other_session: threading.Event,
+    make_settings: MakeSettings,
+) -> None:
+    imap_faults.max_logins, imap_faults.refusal = 1, refusal
+    source = ImapSource(make_settings(imap_port=imap_faults.port))
+    with pytest.raises(ImapBusyError) as error:
+        source.connect()
+    assert imap_faults.refused_logins == 1
+    assert not isinstance(error.value, ImapAuthError)
+    assert error.value.exit_status == EXIT_RUNTIME
+    assert f"{imap_faults.host}:{imap_faults.port}" in str(error.value)
+    assert "FORWARDER_IMAP_PASSWORD" not in str(error.value)
+    assert not source.connected
+
+
+def test_second_session_refused_by_dovecot_connection_limit_is_a_busy_error(
+    make_settings: MakeSettings,
+) -> None:
+    with OneSessionMailServer() as server:
+        settings = make_settings(imap_port=server.imap_port)
+        first = ImapSource(settings)
+        first.connect()
+        try:
+            with pytest.raises(ImapBusyError) as error:
+                ImapSource(settings).connect()
+        finally:
+            first.close()
+        assert "[LIMIT]" in str(error.value)
+        again = ImapSource(settings)
+        again.connect()  # the slot is free again
+        again.close()
+
+
+def test_wrong_password_is_refused_credentials_naming_the_settings(
+    make_settings: MakeSettings,
+) -> None:
+    # A Dovecot of its own: after a failed login Dovecot slows the next ones from the IP.
+    with OneSessionMailServer() as server:
+        source = ImapSource(make_settings(imap_port=server.imap_port, imap_password="wrong-pw"))
+        with pytest.raises(ImapAuthError) as error:
+            source.connect()
+    assert error.value.exit_status == EXIT_AUTH
+    assert "[AUTHENTICATIONFAILED]" in str(error.value)
+    assert "FORWARDER_IMAP_PASSWORD" in str(error.value)
+    assert "wrong-pw" not in str(error.value)
+
+
+def test_idle_watcher_retries_a_refused_login_and_idles_once_the_slot_is_free(
+    imap_faults: ImapFaultProxy, other_session: threading.Event, make_settings: MakeSettings
+) -> None:
+    imap_faults.max_logins = 1
+    woken = threading.Event()
+    watcher = IdleWatcher(make_settings(imap_port=imap_faults.port), woken.set)
+    with capture_logs() as events:
+        watcher.start()
+        try:
+            assert imap_faults.refusal_seen.wait(10)
+            other_session.set()  # the other client logs out
+            assert woken.wait(20), [e["event"] for e in events]
+        finally:
+            watcher.stop()
+    assert "idle_refused" in [e["event"] for e in events]
+    assert "idle_failed" not in [e["event"] for e in events]
+
+
+# --------------------------------------------------------------------------- unreadable mail
+
+
+async def test_one_unreadable_message_is_quarantined_and_the_others_are_forwarded(
+    mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
+) -> None:
+    for n in range(21):
+        mailbox.deliver(build_message(subject=f"n{n}"), [CONTACT])
+    uids = [uid for uid, _flags, _raw in mailbox.messages()]
+    bad = uids[3]
+    make_unreadable(mailbox, bad)
+    with capture_logs() as events:
+        summary = await forward_once(make_settings())
+    assert len(smtp_sink.received) == 20 and summary.quarantined == 1
+    quarantined = [e for e in events if e["event"] == "message_quarantined"]
+    assert [e["uid"] for e in quarantined] == [bad]
+    assert "cannot give the message" in quarantined[0]["reason"]
+    make_readable(mailbox)
+    flags = {uid: f for uid, f, _raw in mailbox.messages()}
+    assert QUARANTINE in flags[bad]
+    assert all(b"$Forwarded" in f for uid, f in flags.items() if uid != bad)
+
+
+# --------------------------------------------------------------------------- keywords
+
+
+async def test_cycle_refuses_a_folder_without_keywords_as_a_configuration_error(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    imap_faults: ImapFaultProxy,
+    make_settings: MakeSettings,
+) -> None:
+    """Until the state store records every UID it examined (then keywords are optional)."""
+    imap_faults.hide_keywords = True
+    mailbox.deliver(build_message(), [CONTACT])
+    with pytest.raises(KeywordsNotSupported) as error:
+        await forward_once(make_settings(imap_port=imap_faults.port))
+    assert error.value.exit_status == EXIT_CONFIG and "$Forwarded" in str(error.value)
+    assert smtp_sink.received == []
