@@ -611,13 +611,14 @@ class Bench:
 
     def _build_store(self, path: Path, rows: int) -> float:
         """A state store of `rows` final deliveries, by direct inserts into the real schema."""
-        from forwarder.state import SqliteStateStore
+        from forwarder.sqlite_store import SqliteStateStore
 
         started = time.perf_counter()
         SqliteStateStore(path).close()  # the forwarder's own schema and meta row
         db = sqlite3.connect(path, isolation_level=None)
         columns = [row[1] for row in db.execute("PRAGMA table_info(deliveries)")]
         expected = [
+            "mailbox",
             "message_key",
             "member",
             "address",
@@ -630,9 +631,12 @@ class Bench:
             "updated",
             "lists",
             "message_id",
+            "sender",
+            "claim_owner",
+            "claim_until",
         ]
         if columns != expected:
-            raise RuntimeError(f"forwarder/state.py changed: deliveries columns are {columns}")
+            raise RuntimeError(f"forwarder/sqlite_schema.py changed: deliveries columns are {columns}")
         indexes = db.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
             "AND tbl_name = 'deliveries' AND sql IS NOT NULL"
@@ -643,8 +647,9 @@ class Bench:
             db.execute(f'DROP INDEX "{name}"')
         db.execute("BEGIN")
         db.executemany(
-            f"INSERT INTO deliveries ({', '.join(expected)}) VALUES ({', '.join('?' * 12)})",
-            _archive(rows),
+            f"INSERT INTO deliveries ({', '.join(expected)}) "
+            f"VALUES ({', '.join('?' * len(expected))})",
+            (("default", *row, None, None, None) for row in _archive(rows)),
         )
         db.execute("COMMIT")
         for _name, sql in indexes:
@@ -659,7 +664,7 @@ class Bench:
     def _time_prune(self, path: Path) -> float:
         """The forwarder's own prune() with its default retention (the rows are all newer)."""
         from forwarder.config import Settings
-        from forwarder.state import SqliteStateStore
+        from forwarder.sqlite_store import SqliteStateStore
 
         retention = Settings.model_fields["state_retention"].default
         store = SqliteStateStore(path)

@@ -2,24 +2,36 @@
 that arrive while one commit is being written to disk share the next one.
 
 One fsync then covers many transactions, so durability does not cap throughput.
-A failed commit (disk full, unwritable file) keeps the results in memory: they are
-written first thing on the next try, before anything else is sent.
+A failed commit (disk full, unwritable file) keeps the results in memory and
+raises `failed`: the cycle sends nothing more until `flush_unsaved` has written
+them, which is tried first thing on the next cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 
 from forwarder.errors import StateError
 from forwarder.state import MessageResult, StateStore
 
 
 class GroupCommitter:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(
+        self, store: StateStore, mailbox: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
+        self.mailbox = mailbox
+        self.clock = clock
         self.unsaved: list[MessageResult] = []
         self._queue: list[tuple[MessageResult, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """A commit failed and its results are not written yet: send nothing more."""
+        return bool(self.unsaved)
 
     async def commit(self, result: MessageResult) -> None:
         """Return once `result` is durable; raise StateError if it could not be written."""
@@ -34,7 +46,11 @@ class GroupCommitter:
             items, self._queue = self._queue, []
             results = [result for result, _ in items]
             try:
-                await asyncio.to_thread(self.store.record_results, results)
+                if self.unsaved:  # never write newer results over unwritten older ones
+                    raise StateError("an earlier commit failed; its results come first")
+                await asyncio.to_thread(
+                    self.store.record_results, self.mailbox, results, self.clock()
+                )
             except StateError as exc:
                 self.unsaved.extend(results)
                 for _, future in items:
@@ -50,6 +66,6 @@ class GroupCommitter:
         if not self.unsaved:
             return 0
         pending = list(self.unsaved)
-        await asyncio.to_thread(self.store.record_results, pending)
+        await asyncio.to_thread(self.store.record_results, self.mailbox, pending, self.clock())
         del self.unsaved[: len(pending)]
         return len(pending)

@@ -26,14 +26,25 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from forwarder.addresses import is_valid_address, normalize
+from forwarder.addresses import is_valid_address
 from forwarder.errors import ConfigError
+from forwarder.lists import (
+    allowed_domains,
+    expand_lists,
+    outside_domains,
+    validate_lists_shape,
+)
+from forwarder.mailbox import (
+    DEFAULT_IMAP_PORTS,
+    DEFAULT_MAILBOX,
+    DEFAULT_SMTP_PORTS,
+    ImapEndpoint,
+    Mailbox,
+    Security,
+    SmtpEndpoint,
+)
 
 PREFIX = "FORWARDER_"
-Security = Literal["tls", "starttls", "none"]
-
-_DEFAULT_IMAP_PORTS = {"tls": 993, "starttls": 143, "none": 143}
-_DEFAULT_SMTP_PORTS = {"tls": 465, "starttls": 587, "none": 25}
 _CREDENTIAL_FILES = {"imap_password": "imap_password", "smtp_password": "smtp_password"}
 
 
@@ -128,7 +139,7 @@ class Settings(BaseSettings):
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
-        return _validate_lists_shape(value)
+        return validate_lists_shape(value)
 
     @field_validator("member_domains", mode="before")
     @classmethod
@@ -152,8 +163,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_lists(self) -> Settings:
-        _check_membership(self.lists, self.allowed_domains)
-        self._expanded = expand_lists(self.lists)  # raises on cycles
+        if outside := outside_domains(self.lists, self.allowed_domains):
+            key, member = outside
+            raise ValueError(
+                f"{env_name('lists')}: member {member} of list {key} is outside "
+                f"{env_name('member_domains')} ({', '.join(sorted(self.allowed_domains))}); "
+                "add its domain there, or * to allow any domain"
+            )
+        try:
+            self._expanded = expand_lists(self.lists)
+        except ValueError as exc:
+            raise ValueError(f"{env_name('lists')}: {exc}") from None
         if self.envelope_sender is not None and not is_valid_address(self.envelope_sender):
             raise ValueError(
                 f"{env_name('envelope_sender')}: {self.envelope_sender!r} is not an address"
@@ -174,17 +194,15 @@ class Settings(BaseSettings):
 
     @property
     def imap_port_effective(self) -> int:
-        return self.imap_port or _DEFAULT_IMAP_PORTS[self.imap_security]
+        return self.imap_port or DEFAULT_IMAP_PORTS[self.imap_security]
 
     @property
     def smtp_port_effective(self) -> int:
-        return self.smtp_port or _DEFAULT_SMTP_PORTS[self.smtp_security]
+        return self.smtp_port or DEFAULT_SMTP_PORTS[self.smtp_security]
 
     @property
     def allowed_domains(self) -> frozenset[str]:
-        if self.member_domains:
-            return frozenset(self.member_domains)
-        return frozenset(addr.rpartition("@")[2] for addr in self.lists)
+        return allowed_domains(self.lists, self.member_domains)
 
     @property
     def sender_address(self) -> str | None:
@@ -203,76 +221,41 @@ class Settings(BaseSettings):
         """Each list address -> its member accounts, nested lists resolved (computed once)."""
         return self._expanded
 
+    @property
+    def imap_endpoint(self) -> ImapEndpoint:
+        return ImapEndpoint(
+            host=self.imap_host,
+            port=self.imap_port_effective,
+            security=self.imap_security,
+            username=self.imap_username,
+            password=self.imap_password,
+            folder=self.imap_folder,
+            timeout=self.imap_timeout,
+        )
 
-def _validate_lists_shape(value: Any) -> dict[str, tuple[str, ...]]:
-    if not isinstance(value, dict):
-        raise ValueError('must be a JSON object: {"list@domain": ["member@domain", ...]}')
-    if not value:
-        raise ValueError("defines no list")
-    lists: dict[str, tuple[str, ...]] = {}
-    for address, members in value.items():
-        if not isinstance(address, str) or not is_valid_address(address):
-            raise ValueError(f"list address {address!r} is not an address")
-        if "+" in address.partition("@")[0]:
-            raise ValueError(f"list address {address!r} has a +detail part; use the plain address")
-        key = normalize(address)
-        if key in lists:
-            raise ValueError(f"list {key} is defined twice")
-        if not isinstance(members, list) or not members:
-            raise ValueError(f"list {key} has no members (expected a non-empty array)")
-        seen: dict[str, str] = {}
-        for member in members:
-            if not isinstance(member, str) or not is_valid_address(member):
-                raise ValueError(f"list {key}: member {member!r} is not an address")
-            norm = normalize(member)
-            if norm == key:
-                raise ValueError(f"list {key} contains its own address")
-            seen.setdefault(norm, member.strip())
-        lists[key] = tuple(seen.values())
-    return lists
+    @property
+    def smtp_endpoint(self) -> SmtpEndpoint:
+        return SmtpEndpoint(
+            host=self.smtp_host,
+            port=self.smtp_port_effective,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=self.smtp_password,
+            timeout=self.smtp_timeout,
+            connections=self.smtp_connections,
+        )
 
-
-def _check_membership(lists: dict[str, tuple[str, ...]], domains: frozenset[str]) -> None:
-    if "*" not in domains:
-        for key, members in lists.items():
-            for member in members:
-                domain = member.rpartition("@")[2].lower()
-                if domain not in domains and normalize(member) not in lists:
-                    raise ValueError(
-                        f"{env_name('lists')}: member {member} of list {key} is outside "
-                        f"{env_name('member_domains')} ({', '.join(sorted(domains))}); "
-                        "add its domain there, or * to allow any domain"
-                    )
-
-
-def expand_lists(lists: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """Resolve members that are themselves lists; refuse cycles."""
-    resolved: dict[str, tuple[str, ...]] = {}
-
-    def visit(key: str, path: tuple[str, ...]) -> tuple[str, ...]:
-        if key in path:
-            cycle = " -> ".join((*path[path.index(key) :], key))
-            raise ValueError(f"{env_name('lists')}: lists include each other in a cycle: {cycle}")
-        if key in resolved:
-            return resolved[key]
-        members = lists[key]
-        norms = [normalize(m) for m in members]
-        if not any(n in lists for n in norms):  # the common case: no nested list
-            resolved[key] = members  # already unique by normalised form
-            return members
-        out: dict[str, str] = {}
-        for member, norm in zip(members, norms, strict=True):
-            if norm in lists:
-                for sub in visit(norm, (*path, key)):
-                    out.setdefault(normalize(sub), sub)
-            else:
-                out.setdefault(norm, member)
-        resolved[key] = tuple(out.values())
-        return resolved[key]
-
-    for key in lists:
-        visit(key, ())
-    return resolved
+    def mailboxes(self) -> tuple[Mailbox, ...]:
+        """The catch-alls this process serves: one, from the FORWARDER_* variables."""
+        return (
+            Mailbox(
+                name=DEFAULT_MAILBOX,
+                imap=self.imap_endpoint,
+                smtp=self.smtp_endpoint,
+                lists=self._expanded,
+                envelope_sender=self.envelope_from,
+            ),
+        )
 
 
 def _credentials() -> dict[str, str]:

@@ -1,33 +1,30 @@
-"""The poll cycle: fetch what is not yet forwarded, route it, send it, record it, mark it.
+"""The poll cycle of one mailbox: fetch what is new, route it, claim, send, commit, mark.
 
-Durability comes first: the deliveries about to be attempted are committed as
-`pending` before anything is sent; each server reply is committed (group commit)
-before its message goes on; the source message gets `$Forwarded` only once every
-member's result is final, and only after that commit. Speed comes from batched
-fetches, several SMTP transactions in flight and shared commits, never from
-skipping a step.
+New mail is found by UID: every message above the folder's watermark, plus the
+messages still open (a member deferred) whose time has come. So a cycle costs
+the same in a folder of a hundred messages or a million, and needs no IMAP
+keyword; where the folder keeps keywords, `$Forwarded` (and `$ForwardFailed`)
+are set too, as marks for people. Durability comes first: each reply is
+committed before its message is recorded as done, and a message is recorded
+before it is marked. Speed comes from batched fetches, several SMTP
+transactions in flight and shared commits, never from skipping a step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import re
-import socket
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
-from email.utils import formatdate
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
 
-from forwarder.addresses import normalize
+from forwarder.addresses import addresses_in
 from forwarder.committer import GroupCommitter
-from forwarder.config import Settings
-from forwarder.errors import ForwarderError, KeywordsNotSupported, UnreadableMessage
+from forwarder.dispatch import Dispatcher
+from forwarder.errors import ForwarderError, ImapError, UnreadableMessage
 from forwarder.headers import message_id, message_key, parse_headers, split_message
 from forwarder.imap_source import (
     FORWARD_FAILED,
@@ -37,74 +34,87 @@ from forwarder.imap_source import (
     Fetched,
     ImapSource,
 )
-from forwarder.plan import Message, due, fetch_batches, pending_deliveries
-from forwarder.retry import classify
-from forwarder.routing import Route, route
+from forwarder.mailbox import Mailbox
+from forwarder.plan import Message, fetch_batches, outcome
+from forwarder.reporting import CycleSummary, Reporter
+from forwarder.routing import route
 from forwarder.smtp_relay import SmtpPool
-from forwarder.state import (
-    CycleRecord,
-    Delivery,
-    MemberState,
-    MessageResult,
-    Skipped,
-    StateStore,
-    Status,
-)
+from forwarder.state import FolderState, StateStore, UidRecord, UidState
 
 log = structlog.get_logger("forwarder.cycle")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 T = TypeVar("T")
-MAX_RCPT = 100  # recipients per SMTP transaction (RFC 5321 4.5.3.1.8 minimum a server accepts)
-PRUNE_EVERY = 24 * 3600.0
+# After a UIDVALIDITY change, messages received this long before the last complete cycle
+# of the old folder were seen by it: they are not sent again (clock skew margin).
+UIDVALIDITY_MARGIN = 3600.0
+COMPLETE_EVERY = 600.0  # complete_through may lag this much: only fewer messages count as seen
 
 
-@dataclass
-class CycleSummary:
-    messages: int = 0  # messages looked at in full
-    forwarded: int = 0  # source messages marked $Forwarded
-    delivered: int = 0  # (message, member) deliveries accepted in this cycle
-    deferred: int = 0
-    failed: int = 0
-    skipped: int = 0  # unmatched, loops, too many hops
-    quarantined: int = 0  # left in place with $ForwarderQuarantine
-    started: float = field(default_factory=time.time)
+@dataclass(frozen=True)
+class CycleOptions:
+    """The process-wide settings a cycle uses."""
 
-    def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if k != "started"}
-
-
-@dataclass
-class _Marks:
-    forwarded: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    quarantined: list[int] = field(default_factory=list)
+    fetch_batch_bytes: int = 4 * 1024 * 1024
+    fetch_batch_messages: int = 200
+    retry_for: float = 5 * 24 * 3600.0
+    state_retention: float = 90 * 24 * 3600.0
+    claim_lease: float = 60.0
 
 
 class Forwarder:
-    """Owns the IMAP source, the SMTP connections and the state store for a run."""
+    """The pipeline of one mailbox: its IMAP source, SMTP pool and the shared state store."""
 
     def __init__(
-        self, settings: Settings, store: StateStore, *, clock: Callable[[], float] = time.time
+        self,
+        mailbox: Mailbox,
+        options: CycleOptions,
+        store: StateStore,
+        source: ImapSource,
+        smtp: SmtpPool,
+        *,
+        owner: str,
+        clock: Callable[[], float],
     ) -> None:
-        self.settings = settings
+        self.mailbox = mailbox
+        self.options = options
         self.store = store
+        self.source = source
+        self.smtp = smtp
         self.clock = clock
-        self.lists = settings.expanded_lists()
-        self.fingerprint = hashlib.sha256(
-            json.dumps(sorted(self.lists.items())).encode()
-        ).hexdigest()[:16]
-        self.source = ImapSource(settings)
-        self.smtp = SmtpPool(settings, settings.smtp_connections)
-        self.committer = GroupCommitter(store)
-        self.hostname = socket.gethostname()
-        self.stopping = False  # set by the daemon: finish the messages in flight, then stop
+        self.lists = mailbox.lists
+        self.committer = GroupCommitter(store, mailbox.name, clock)
+        self.reporter = Reporter(store, mailbox.name, clock)
+        self.dispatcher = Dispatcher(
+            mailbox,
+            store,
+            smtp,
+            self.committer,
+            self.reporter,
+            owner=owner,
+            lease=options.claim_lease,
+            retry_for=options.retry_for,
+            clock=clock,
+        )
         self._imap_lock = asyncio.Lock()
-        self._last_prune = 0.0
+        self._marked: list[int] = []  # keywords set, not yet written down
+        self._completed = 0.0  # when complete_through was last written
+
+    @property
+    def stopping(self) -> bool:
+        return self.dispatcher.stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.dispatcher.stopping = value
 
     async def _imap(self, call: Callable[..., T], *args: Any) -> T:
         """imapclient blocks: run it in a thread, one command at a time."""
         async with self._imap_lock:
             return await asyncio.to_thread(call, *args)
+
+    async def _store(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """The store may block (a disk, a database server): never on the event loop."""
+        return await asyncio.to_thread(call, *args, **kwargs)
 
     async def connect(self) -> None:
         """Log in to both servers (or check that the existing sessions are alive)."""
@@ -115,21 +125,7 @@ class Forwarder:
                 self.source.drop()
         if not self.source.connected:
             await self._imap(self.source.connect)
-            self._require_keywords()
         await self.smtp.connect()
-
-    def _require_keywords(self) -> None:
-        """The cycle finds new mail by `UNKEYWORD $Forwarded` until the state store records
-        every UID it has examined: a folder that cannot keep the keyword is refused."""
-        if not self.source.keywords:
-            source = self.source
-            permanent = " ".join(sorted(f.decode() for f in source.permanent_flags)) or "none"
-            raise KeywordsNotSupported(
-                f"folder {self.settings.imap_folder!r} does not keep the keyword $Forwarded "
-                f"(PERMANENTFLAGS: {permanent})",
-                server=source.server,
-                advice="the forwarder needs user keywords to remember what it forwarded",
-            )
 
     async def close(self) -> None:
         await self.smtp.close()
@@ -139,73 +135,52 @@ class Forwarder:
         """One poll cycle. Raises ForwarderError if a server or the store fails mid-way."""
         summary = CycleSummary()
         error: str | None = None
-        try:
-            if saved := await self.committer.flush_unsaved():
-                log.info("state_store_recovered", results_written=saved)
-            await self.connect()
-            await self._cycle(summary)
-            self._prune()
-        except Exception as exc:
-            error = str(exc) or repr(exc)
-            raise
-        finally:
-            self._record(summary, error)
+        with structlog.contextvars.bound_contextvars(mailbox=self.mailbox.name):
+            try:
+                if saved := await self.committer.flush_unsaved():
+                    log.info("state_store_recovered", results_written=saved)
+                await self.connect()
+                await self._cycle(summary)
+                await self._store(self.reporter.prune, self.options.state_retention)
+            except Exception as exc:
+                error = str(exc) or type(exc).__name__
+                raise
+            finally:
+                await self._store(self.reporter.cycle, summary, error)
         return summary
 
-    def _record(self, summary: CycleSummary, error: str | None) -> None:
-        outcome = "error" if error else "ok"
-        finished = time.time()
-        log.info(
-            "cycle_finished",
-            outcome=outcome,
-            duration_ms=round((finished - summary.started) * 1000),
-            error=error,
-            peak_rss_mb=_peak_rss_mb(),
-            **summary.as_dict(),
-        )
-        s = summary
-        record = CycleRecord(
-            s.started,
-            finished,
-            outcome,
-            s.messages,
-            s.forwarded,
-            s.delivered,
-            s.deferred,
-            s.failed,
-            s.skipped,
-            error,
-        )
-        try:
-            self.store.record_cycle(record)
-        except ForwarderError as exc:
-            log.error("state_store_error", error=str(exc))
-
-    def _prune(self) -> None:
-        now = self.clock()
-        if now - self._last_prune >= PRUNE_EVERY:
-            self._last_prune = now
-            if removed := self.store.prune(now - self.settings.state_retention):
-                log.info("state_pruned", deliveries_removed=removed)
-
     async def _cycle(self, summary: CycleSummary) -> None:
-        uids = await self._imap(self.source.unforwarded_uids)
-        mailbox = self.source.mailbox_id
-        known = self.store.skipped_uids(mailbox, self.fingerprint)
-        candidates = [uid for uid in uids if uid not in known]
+        name = self.mailbox.name
+        uidvalidity = self.source.uidvalidity
+        folder = await self._store(self.store.folder, name, uidvalidity)
+        if folder is None:
+            folder = await self._first_sight(uidvalidity)
+        if unmarked := await self._store(self.store.unmarked_uids, name, uidvalidity):
+            await self._mark(unmarked)  # a run that ended between recording and marking
+        new = await self._imap(self.source.uids_above, folder.watermark)
+        due = await self._store(self.store.open_uids, name, uidvalidity, self.clock())
+        candidates = sorted(set(new) | set(due))
         if not candidates:
+            await self._complete(uidvalidity, summary)
             return
-        sizes = await self._imap(self.source.sizes, candidates)
-        s = self.settings
+        info = await self._imap(self.source.message_info, candidates)
+        fresh = set(new)
+        elsewhere = {
+            u for u in new if u in info.found and {FORWARDED, FORWARD_FAILED} & info.found[u].flags
+        }
+        if elsewhere:
+            await self._foreign(uidvalidity, sorted(elsewhere))
+        sizes = {u: i.size for u, i in info.found.items() if u not in elsewhere}
+        if info.unreadable:  # the server cannot even say its size: quarantined
+            await self._batch(uidvalidity, [], None, summary, info.unreadable)
+        o = self.options
         batches = list(
-            fetch_batches(candidates, sizes, s.fetch_batch_bytes, s.fetch_batch_messages)
+            fetch_batches(candidates, sizes, o.fetch_batch_bytes, o.fetch_batch_messages)
         )
-        if not batches:
-            return
         # The next batch is fetched while this one is being sent.
-        fetch: asyncio.Task[Fetched[bytes]] | None = asyncio.create_task(
-            self._imap(self.source.fetch, batches[0], sizes)
-        )
+        fetch: asyncio.Task[Fetched[bytes]] | None = None
+        if batches:
+            fetch = asyncio.create_task(self._imap(self.source.fetch, batches[0], sizes))
         try:
             for index, batch in enumerate(batches):
                 assert fetch is not None
@@ -215,56 +190,92 @@ class Forwarder:
                         self._imap(self.source.fetch, batches[index + 1], sizes)
                     )
                 items = [(uid, fetched.found[uid]) for uid in batch if uid in fetched.found]
-                await self._batch(items, mailbox, summary, fetched.unreadable)
+                top = max((u for u in batch if u in fresh), default=None)
+                await self._batch(uidvalidity, items, top, summary, fetched.unreadable)
                 if self.stopping:
                     return
         finally:
             if fetch is not None:
                 with suppress(ForwarderError):
                     await fetch
+        await self._complete(uidvalidity, summary)
+
+    async def _complete(self, uidvalidity: int, summary: CycleSummary) -> None:
+        """Every message found was examined: remember when (see `_first_sight`)."""
+        marked, self._marked = self._marked, []
+        complete = not self.stopping and summary.started - self._completed >= COMPLETE_EVERY
+        if marked or complete:  # an empty poll writes nothing
+            await self._store(
+                self.store.record_uids,
+                self.mailbox.name,
+                uidvalidity,
+                [],
+                self.clock(),
+                complete_through=summary.started if complete else None,
+                marked=marked,
+            )
+            if complete:
+                self._completed = summary.started
 
     async def _batch(
         self,
+        uidvalidity: int,
         items: list[tuple[int, bytes]],
-        mailbox: str,
+        top: int | None,
         summary: CycleSummary,
         unreadable: dict[int, UnreadableMessage],
     ) -> None:
-        marks = _Marks()
+        records: dict[int, UidRecord] = {}
         for uid, error in unreadable.items():  # the server cannot give it: the others go on
             summary.messages += 1
-            self._quarantine(uid, b"", error, marks)
+            records[uid] = self._quarantine(uid, None, error, summary)
         messages: list[Message] = []
-        skipped: list[Skipped] = []
         for uid, raw in items:
             summary.messages += 1
             try:
                 message = self._prepare(uid, raw)
             except Exception as exc:  # hostile input never stops the cycle
-                self._quarantine(uid, raw, exc, marks)
+                records[uid] = self._quarantine(uid, len(raw), exc, summary)
                 continue
             if message.route.skip is not None:
                 reason = message.route.skip.value
-                skipped.append(Skipped(mailbox, self.fingerprint, uid, reason, message.ident))
-                log.info(
-                    "message_skipped",
-                    uid=uid,
-                    message_id=message.ident,
-                    reason=reason,
-                    size=len(raw),
-                )
+                records[uid] = UidRecord(uid, UidState.SKIPPED, None, message.ident, reason)
+                summary.skipped += 1
+                self.reporter.skipped(uid, message.ident, reason, len(raw))
                 continue
             messages.append(message)
-        summary.skipped += len(skipped)
         try:
-            if skipped:
-                self.store.record_skipped(skipped)
             if messages:
-                await self._send_all(messages, summary, marks)
+                states, broken = await self.dispatcher.dispatch(messages, summary)
+                now = self.clock()
+                for message in messages:
+                    if message.uid in broken:
+                        records[message.uid] = self._quarantine(
+                            message.uid, len(message.raw), broken[message.uid], summary
+                        )
+                        continue
+                    record, waiting, failed = outcome(
+                        message, states[message.key], now, self.options.claim_lease
+                    )
+                    records[message.uid] = record
+                    if record.state.final:
+                        summary.forwarded += 1
+                    self.reporter.message(message, waiting, failed)
         finally:
-            await self._mark(marks)
-            summary.forwarded += len(marks.forwarded) + len(marks.failed)
-            summary.quarantined += len(marks.quarantined)
+            # Messages not finished (an error, a stop) stay open: examined again next cycle.
+            for uid, _ in items:
+                records.setdefault(uid, UidRecord(uid, UidState.OPEN))
+            marked, self._marked = self._marked, []
+            await self._store(
+                self.store.record_uids,
+                self.mailbox.name,
+                uidvalidity,
+                list(records.values()),
+                self.clock(),
+                watermark=top,
+                marked=marked,
+            )
+        await self._mark(records.values())
 
     def _prepare(self, uid: int, raw: bytes) -> Message:
         if not raw or raw.isspace():
@@ -277,179 +288,96 @@ class Forwarder:
         headers = parse_headers(header_block)
         decision = route(headers, self.lists)
         key = message_key(header_block, headers, body) if decision.skip is None else ""
-        return Message(uid, raw, message_id(headers), decision, key)
+        senders = addresses_in(headers.get_all("from"))
+        sender = senders[0] if senders else None
+        return Message(uid, raw, message_id(headers), decision, key, sender)
 
-    async def _send_all(
-        self, messages: list[Message], summary: CycleSummary, marks: _Marks
-    ) -> None:
-        """Send a batch: copies of one message in turn, different messages concurrently."""
-        groups: dict[str, list[Message]] = {}
-        for message in messages:
-            groups.setdefault(message.key, []).append(message)
-        states = self.store.member_states(list(groups))
-        now = self.clock()
-        pending = [
-            r for copies in groups.values() if (r := pending_deliveries(copies, states, now))
-        ]
-        if pending:
-            await asyncio.to_thread(self.store.record_pending, pending)
-        outcomes = await asyncio.gather(
-            *(
-                self._send_copies(copies, states[key], now, summary, marks)
-                for key, copies in groups.items()
-            ),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+    def _quarantine(
+        self, uid: int, size: int | None, exc: Exception, summary: CycleSummary
+    ) -> UidRecord:
+        summary.quarantined += 1
+        reason = str(exc) or type(exc).__name__
+        self.reporter.quarantined(uid, exc, size, expected=isinstance(exc, ValueError | ImapError))
+        return UidRecord(uid, UidState.QUARANTINED, reason=reason)
 
-    async def _send_copies(
-        self,
-        copies: list[Message],
-        states: dict[str, MemberState],
-        now: float,
-        summary: CycleSummary,
-        marks: _Marks,
-    ) -> None:
-        for message in copies:
-            with structlog.contextvars.bound_contextvars(uid=message.uid, message_id=message.ident):
-                try:
-                    await self._send(message, states, now, summary)
-                except ForwarderError:
-                    raise
-                except Exception as exc:
-                    self._quarantine(message.uid, message.raw, exc, marks)
-                    continue
-                self._finish(message, states, marks)
-
-    async def _send(
-        self,
-        message: Message,
-        states: dict[str, MemberState],
-        now: float,
-        summary: CycleSummary,
-    ) -> None:
-        wanted = [a for a in message.route.recipients if due(states.get(normalize(a)), now)]
-        message.interrupted = sum(
-            1 for a in wanted if (s := states.get(normalize(a))) and s.status is Status.PENDING
-        )
-        prefix = self._trace(message.route)
-        for start in range(0, len(wanted), MAX_RCPT):
-            chunk = wanted[start : start + MAX_RCPT]
-            async with self.smtp.session() as relay:
-                replies = await relay.send(self.settings.envelope_from, chunk, prefix, message.raw)
-            deliveries = tuple(
-                classify(
-                    normalize(a),
-                    a,
-                    replies[a],
-                    states.get(normalize(a)),
-                    now,
-                    self.settings.retry_for,
-                )
-                for a in chunk
-            )
-            await self.committer.commit(
-                MessageResult(message.key, message.ident, message.route.lists, deliveries)
-            )
-            for d in deliveries:
-                previous = states.get(d.member)
-                states[d.member] = MemberState(
-                    d.status,
-                    (previous.attempts if previous else 0) + 1,
-                    previous.first_try if previous else now,
-                    d.next_try,
-                )
-                self._count(d, message, summary)
-
-    def _count(self, d: Delivery, message: Message, summary: CycleSummary) -> None:
-        if d.status is Status.DELIVERED:
-            summary.delivered += 1
-            message.sent += 1
-        elif d.status is Status.DEFERRED:
-            summary.deferred += 1
-            log.warning(
-                "delivery_deferred",
-                uid=message.uid,
-                message_id=message.ident,
-                member=d.address,
-                code=d.code,
-                reply=d.reply,
-                next_try=d.next_try,
-            )
-        else:
-            summary.failed += 1
-            log.error(
-                "delivery_failed",
-                uid=message.uid,
-                message_id=message.ident,
-                member=d.address,
-                code=d.code,
-                reply=d.reply,
-            )
-
-    def _finish(self, message: Message, states: dict[str, MemberState], marks: _Marks) -> None:
-        recipients = message.route.recipients
-        pending = [
-            a for a in recipients if not (s := states.get(normalize(a))) or not s.status.final
-        ]
-        failed = [
-            a for a in recipients if (s := states.get(normalize(a))) and s.status is Status.FAILED
-        ]
-        outcome = "deferred" if pending else ("failed" if failed else "forwarded")
-        if not pending:
-            (marks.failed if failed else marks.forwarded).append(message.uid)
-        log.info(
-            "message_" + outcome,
-            uid=message.uid,
-            message_id=message.ident,
-            lists=list(message.route.lists),
-            matched_by=message.route.matched_by,
-            recipients=len(recipients),
-            sent=message.sent,
-            deferred=len(pending),
-            failed=len(failed),
-            duplicate=message.sent == 0 and bool(recipients),
-            interrupted=message.interrupted,
-            size=len(message.raw),
-            duration_ms=round((time.monotonic() - message.started) * 1000),
-        )
-
-    def _quarantine(self, uid: int, raw: bytes, exc: Exception, marks: _Marks) -> None:
-        marks.quarantined.append(uid)
+    async def _foreign(self, uidvalidity: int, uids: Sequence[int]) -> None:
+        """New messages already marked $Forwarded: another forwarder, with another state
+        store, works on this mailbox (or a person forwarded them by hand). Not sent."""
         log.error(
-            "message_quarantined",
-            uid=uid,
-            reason=str(exc) or type(exc).__name__,
-            error_type=type(exc).__name__,
-            size=len(raw),
-            exc_info=not isinstance(exc, ValueError | UnreadableMessage),
+            "forwarded_elsewhere",
+            uids=list(uids),
+            reason="new messages already carry $Forwarded: another forwarder with another "
+            "state store may be working on this mailbox; run one",
+        )
+        records = [UidRecord(u, UidState.ELSEWHERE, reason="already $Forwarded") for u in uids]
+        await self._store(
+            self.store.record_uids, self.mailbox.name, uidvalidity, records, self.clock()
         )
 
-    async def _mark(self, marks: _Marks) -> None:
-        if marks.forwarded:
-            await self._imap(self.source.mark, marks.forwarded, [FORWARDED, SEEN])
-        if marks.failed:
-            await self._imap(self.source.mark, marks.failed, [FORWARDED, FORWARD_FAILED, SEEN])
-        if marks.quarantined:
-            await self._imap(self.source.mark, marks.quarantined, [QUARANTINE])
+    async def _first_sight(self, uidvalidity: int) -> FolderState:
+        """A folder (or UIDVALIDITY) never seen: record which of its messages are to examine.
 
-    def _trace(self, decision: Route) -> bytes:
-        """The only bytes added to a message: trace and loop lines on top."""
-        lines = [f"Received: by {self.hostname} (forwarder); {formatdate(self.clock())}\r\n"]
-        lines += [f"X-Loop: {address}\r\n" for address in decision.lists]
-        return "".join(lines).encode("ascii", "replace")
+        Where keywords are kept, the messages without `$Forwarded` (and not quarantined);
+        elsewhere, all of them. After a UIDVALIDITY change, messages the old folder's last
+        complete cycle had already seen are recorded as handled instead (the store still
+        deduplicates the others by message key).
+        """
+        name = self.mailbox.name
+        previous = await self._store(self.store.last_folder, name)
+        every = await self._imap(self.source.all_uids)
+        todo = await self._imap(self.source.unforwarded_uids) if self.source.keywords else every
+        records = [UidRecord(u, UidState.OPEN) for u in todo]
+        if previous is not None and previous.complete_through is not None and todo:
+            info = await self._imap(self.source.message_info, todo)
+            seen_before = previous.complete_through - UIDVALIDITY_MARGIN
+            old = {
+                u
+                for u, i in info.found.items()
+                if i.internaldate is not None and i.internaldate.timestamp() < seen_before
+            }
+            records = [
+                UidRecord(u, UidState.BASELINE, reason="seen before the UIDVALIDITY change")
+                if u in old
+                else UidRecord(u, UidState.OPEN)
+                for u in todo
+            ]
+            log.warning(
+                "uidvalidity_changed",
+                old=previous.uidvalidity,
+                new=uidvalidity,
+                messages=len(every),
+                examined_again=len(todo) - len(old),
+                not_sent_again=len(old),
+            )
+        watermark = max(every, default=0)
+        await self._store(
+            self.store.record_uids, name, uidvalidity, records, self.clock(), watermark=watermark
+        )
+        folder = await self._store(self.store.folder, name, uidvalidity)
+        assert folder is not None
+        return folder
 
-
-def _peak_rss_mb() -> float | None:
-    """This process's peak resident memory (Linux VmHWM; getrusage would also count the
-    memory of the parent that spawned us, before exec)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError):
-        pass
-    return None
+    async def _mark(self, records: Iterable[UidRecord]) -> None:
+        """Keywords for people, where the folder keeps them; written down with the next
+        record (a crash before that only costs setting them again)."""
+        done: list[int] = []
+        failed: list[int] = []
+        quarantined: list[int] = []
+        for r in records:
+            if r.state is UidState.DONE:
+                done.append(r.uid)
+            elif r.state is UidState.FAILED:
+                failed.append(r.uid)
+            elif r.state is UidState.QUARANTINED:
+                quarantined.append(r.uid)
+        if not self.source.keywords:
+            if done or failed:
+                await self._imap(self.source.mark, done + failed, [SEEN])
+        else:
+            if done:
+                await self._imap(self.source.mark, done, [FORWARDED, SEEN])
+            if failed:
+                await self._imap(self.source.mark, failed, [FORWARDED, FORWARD_FAILED, SEEN])
+            if quarantined:
+                await self._imap(self.source.mark, quarantined, [QUARANTINE])
+        self._marked += done + failed + quarantined

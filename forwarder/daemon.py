@@ -18,12 +18,13 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from forwarder.config import Settings
-from forwarder.cycle import CycleSummary, Forwarder
-from forwarder.errors import EXIT_OK, AuthError, ForwarderError, KeywordsNotSupported
+from forwarder.errors import EXIT_OK, AuthError, ForwarderError
+from forwarder.factory import build_forwarder, open_store
 from forwarder.idle import IdleWatcher
 from forwarder.notify import Notifier
+from forwarder.reporting import CycleSummary
 from forwarder.service import report
-from forwarder.state import SqliteStateStore
+from forwarder.state import StateStore
 
 log = structlog.get_logger("forwarder.daemon")
 STOP_GRACE = 8.0  # seconds to finish the messages in flight (systemd waits 15)
@@ -31,9 +32,10 @@ MAX_BACKOFF = 300.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, store: SqliteStateStore) -> None:
+    def __init__(self, settings: Settings, store: StateStore) -> None:
         self.settings = settings
-        self.forwarder = Forwarder(settings, store)
+        self.mailbox = settings.mailboxes()[0]
+        self.forwarder = build_forwarder(settings, self.mailbox, store)
         self.notifier = Notifier.from_env()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
@@ -62,7 +64,7 @@ class Daemon:
                     await self.forwarder.connect()
                     self._ready()
                 summary = await self.forwarder.run_cycle()
-            except (AuthError, KeywordsNotSupported) as exc:
+            except AuthError as exc:
                 self.fatal = exc  # does not heal by waiting
                 self.stop.set()
                 return
@@ -85,8 +87,7 @@ class Daemon:
         log.info("ready", lists=len(self.forwarder.lists))
 
     def _after_cycle(self, summary: CycleSummary) -> None:
-        for name, value in summary.as_dict().items():
-            setattr(self.totals, name, getattr(self.totals, name) + value)
+        self.totals.add(summary)
         self.notifier.watchdog()
         t = self.totals
         self.notifier.status(
@@ -107,7 +108,7 @@ class Daemon:
 
 async def run_daemon(settings: Settings) -> int:
     try:
-        store = SqliteStateStore(settings.state_db)
+        store = open_store(settings)
     except ForwarderError as exc:
         return report(exc, "state_store_error")
     daemon = Daemon(settings, store)
@@ -129,7 +130,7 @@ async def run_daemon(settings: Settings) -> int:
     def wake_from_thread() -> None:
         loop.call_soon_threadsafe(daemon.wake.set)
 
-    idle = IdleWatcher(settings, wake_from_thread)
+    idle = IdleWatcher(daemon.mailbox.imap, wake_from_thread, ca_file=settings.tls_ca_file)
     log.info("started", lists=len(daemon.forwarder.lists), poll_interval=settings.poll_interval)
     scheduler.start()
     idle.start()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
-from forwarder.config import Settings
 from forwarder.errors import AuthError, ForwarderError, ImapBusyError
 from forwarder.imap_source import ImapSource
+from forwarder.mailbox import ImapEndpoint
 
 log = structlog.get_logger("forwarder.idle")
 IDLE_RENEW = 29 * 60.0
@@ -30,9 +31,15 @@ MAX_BUSY_BACKOFF = 300.0  # a connection limit does not go away quickly
 
 class IdleWatcher:
     def __init__(
-        self, settings: Settings, wake: Callable[[], None], renew: float = IDLE_RENEW
+        self,
+        endpoint: ImapEndpoint,
+        wake: Callable[[], None],
+        *,
+        ca_file: Path | None = None,
+        renew: float = IDLE_RENEW,
     ) -> None:
-        self.settings = settings
+        self.endpoint = endpoint
+        self.ca_file = ca_file
         self.wake = wake
         self.renew = min(renew, IDLE_RENEW)
         self._stop = threading.Event()
@@ -48,7 +55,7 @@ class IdleWatcher:
     def _run(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
-            source = ImapSource(self.settings)
+            source = ImapSource(self.endpoint, self.ca_file)
             limit = MAX_BACKOFF
             try:
                 source.connect()

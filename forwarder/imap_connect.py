@@ -12,27 +12,29 @@ import contextlib
 import imaplib
 import socket
 import ssl
+from pathlib import Path
 
 from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 from imapclient.imapclient import SocketTimeout
 
 from forwarder import imap_errors
-from forwarder.config import Settings
 from forwarder.errors import ImapError
 from forwarder.imap_fetch import server_text
+from forwarder.mailbox import ImapEndpoint
 from forwarder.tls import certificate_problem, tls_context
 
 GREETING_TIMEOUT = 10.0  # seconds for TCP, TLS and the greeting (FORWARDER_IMAP_TIMEOUT if less)
 
 
-def open_session(settings: Settings, server: str) -> IMAPClient:
+def open_session(endpoint: ImapEndpoint, ca_file: Path | None) -> IMAPClient:
     """A logged-in IMAP session (no folder selected yet)."""
-    client = _open(settings, server)
+    server = endpoint.server
+    client = _open(endpoint, ca_file, server)
     try:
-        if settings.imap_security == "starttls":
-            _starttls(client, settings, server)
-        _login(client, settings, server)
+        if endpoint.security == "starttls":
+            _starttls(client, ca_file, server)
+        _login(client, endpoint, server)
     except BaseException:
         with contextlib.suppress(Exception):  # the session is of no use any more
             client.shutdown()
@@ -40,18 +42,18 @@ def open_session(settings: Settings, server: str) -> IMAPClient:
     return client
 
 
-def _open(s: Settings, server: str) -> IMAPClient:
-    bound = min(s.imap_timeout, GREETING_TIMEOUT)
+def _open(e: ImapEndpoint, ca_file: Path | None, server: str) -> IMAPClient:
+    bound = min(e.timeout, GREETING_TIMEOUT)
     try:
         client = IMAPClient(
-            s.imap_host,
-            port=s.imap_port_effective,
-            ssl=s.imap_security == "tls",
-            ssl_context=tls_context(s, s.imap_security),
-            timeout=SocketTimeout(connect=bound, read=s.imap_timeout),
+            e.host,
+            port=e.port,
+            ssl=e.security == "tls",
+            ssl_context=tls_context(ca_file, e.security),
+            timeout=SocketTimeout(connect=bound, read=e.timeout),
         )
     except TimeoutError:
-        tls = None if s.imap_security == "tls" else _speaks_tls(s, bound)
+        tls = None if e.security == "tls" else _speaks_tls(e, bound)
         raise imap_errors.no_greeting(server, bound, speaks_tls=tls) from None
     except imaplib.IMAP4.error as exc:  # imaplib raises with the greeting line itself
         raise imap_errors.greeting_refused(server, server_text(exc)) from None
@@ -59,17 +61,17 @@ def _open(s: Settings, server: str) -> IMAPClient:
     return client
 
 
-def _speaks_tls(s: Settings, timeout: float) -> bool | None:
+def _speaks_tls(e: ImapEndpoint, timeout: float) -> bool | None:
     """Whether the port completes a TLS handshake (certificates not checked: nothing but
     the handshake is sent). None if not even a TCP connection could be made."""
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
     try:
-        raw = socket.create_connection((s.imap_host, s.imap_port_effective), timeout)
+        raw = socket.create_connection((e.host, e.port), timeout)
     except OSError:
         return None
     try:
-        with probe.wrap_socket(raw, server_hostname=s.imap_host):
+        with probe.wrap_socket(raw, server_hostname=e.host):
             return True
     except OSError:
         return False
@@ -77,7 +79,7 @@ def _speaks_tls(s: Settings, timeout: float) -> bool | None:
         raw.close()
 
 
-def _starttls(client: IMAPClient, s: Settings, server: str) -> None:
+def _starttls(client: IMAPClient, ca_file: Path | None, server: str) -> None:
     if b"PREAUTH" in (client.welcome or b"").upper()[:20]:
         raise ImapError(
             "greeted with PREAUTH, so STARTTLS cannot be negotiated; refusing to go on without TLS",
@@ -89,26 +91,27 @@ def _starttls(client: IMAPClient, s: Settings, server: str) -> None:
             server=server,
             advice="use FORWARDER_IMAP_SECURITY=tls if it has IMAPS",
         )
-    client.starttls(tls_context(s, "starttls"))
+    client.starttls(tls_context(ca_file, "starttls"))
 
 
-def _login(client: IMAPClient, s: Settings, server: str) -> None:
+def _login(client: IMAPClient, e: ImapEndpoint, server: str) -> None:
     try:
-        client.login(s.imap_username, s.imap_password.get_secret_value())
+        client.login(e.username, e.password.get_secret_value())
     except LoginError as exc:
         cause = exc.__context__  # imapclient re-raises imaplib's error as LoginError
         bye = isinstance(cause, imaplib.IMAP4.abort)
         if bye and "socket error" in str(cause):  # imaplib's words for EOF: no BYE
             raise ImapError("the connection closed during the login", server=server) from None
         text = server_text(exc)
-        raise imap_errors.login_refused(server, s.imap_username, text, bye=bye) from None
+        raise imap_errors.login_refused(server, e.username, text, bye=bye) from None
 
 
-def connection_failure(exc: BaseException, s: Settings, server: str) -> ImapError:
+def connection_failure(exc: BaseException, e: ImapEndpoint, ca_file: Path | None) -> ImapError:
     """The ImapError for a socket, TLS or protocol failure."""
+    server = e.server
     if isinstance(exc, ssl.SSLCertVerificationError):
         problem = certificate_problem(
-            exc, host=s.imap_host, host_setting="FORWARDER_IMAP_HOST", ca_file=s.tls_ca_file
+            exc, host=e.host, host_setting="FORWARDER_IMAP_HOST", ca_file=ca_file
         )
         return ImapError(
             problem.detail, server=server, advice=problem.advice, settings=problem.settings
@@ -129,7 +132,7 @@ def connection_failure(exc: BaseException, s: Settings, server: str) -> ImapErro
         )
     if isinstance(exc, TimeoutError):
         return ImapError(
-            f"no answer within {s.imap_timeout:g} s; the server is unreachable or too slow",
+            f"no answer within {e.timeout:g} s; the server is unreachable or too slow",
             server=server,
             settings=("FORWARDER_IMAP_TIMEOUT",),
         )

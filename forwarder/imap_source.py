@@ -21,12 +21,12 @@ import contextlib
 import imaplib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial, wraps
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
-from forwarder.config import Settings
 from forwarder.errors import ImapError
 from forwarder.imap_connect import connection_failure, open_session
 from forwarder.imap_fetch import (
@@ -44,6 +44,7 @@ from forwarder.imap_fetch import (
     refusals,
     server_text,
 )
+from forwarder.mailbox import ImapEndpoint
 
 __all__ = [
     "FORWARDED",
@@ -81,7 +82,7 @@ def _wrap_errors(method: Callable[P, R]) -> Callable[P, R]:
             raise
         except (OSError, imaplib.IMAP4.error, IMAPClientError) as exc:
             self.drop()
-            raise connection_failure(exc, self.settings, self.server) from exc
+            raise connection_failure(exc, self.endpoint, self.ca_file) from exc
 
     return wrapper
 
@@ -89,9 +90,10 @@ def _wrap_errors(method: Callable[P, R]) -> Callable[P, R]:
 class ImapSource:
     """One IMAP connection to the catch-all folder."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.server = f"IMAP server {settings.imap_host}:{settings.imap_port_effective}"
+    def __init__(self, endpoint: ImapEndpoint, ca_file: Path | None = None) -> None:
+        self.endpoint = endpoint
+        self.ca_file = ca_file
+        self.server = endpoint.server
         self.client: IMAPClient | None = None
         self.uidvalidity: int = 0
         self.uidnext: int | None = None  # from SELECT; None if the server did not say
@@ -102,11 +104,8 @@ class ImapSource:
     @property
     def mailbox_id(self) -> str:
         """Stable name of the selected mailbox; changes when UIDVALIDITY does."""
-        s = self.settings
-        return (
-            f"{s.imap_username}@{s.imap_host}:{s.imap_port_effective}/{s.imap_folder}"
-            f";UIDVALIDITY={self.uidvalidity}"
-        )
+        e = self.endpoint
+        return f"{e.username}@{e.host}:{e.port}/{e.folder};UIDVALIDITY={self.uidvalidity}"
 
     @property
     def connected(self) -> bool:
@@ -134,13 +133,13 @@ class ImapSource:
     def connect(self) -> None:
         """Connect, log in and select the folder."""
         self.drop()
-        self.client = open_session(self.settings, self.server)
+        self.client = open_session(self.endpoint, self.ca_file)
         self.capabilities = frozenset(self.client.capabilities())
         self._select()
 
     def _select(self) -> None:
         assert self.client is not None
-        folder = self.settings.imap_folder
+        folder = self.endpoint.folder
         try:
             info = self.client.select_folder(folder)
         except IMAPClientError as exc:
@@ -178,6 +177,11 @@ class ImapSource:
         client.noop()
         found = client.search(["UID", f"{uid + 1}:*"])
         return sorted(u for u in (int(x) for x in found) if u > uid)
+
+    @_wrap_errors
+    def all_uids(self) -> list[int]:
+        """Every UID of the folder, ascending (a folder seen for the first time)."""
+        return sorted(int(u) for u in self._session().search(["ALL"]))
 
     @_wrap_errors
     def message_info(self, uids: Sequence[int]) -> Fetched[MessageInfo]:

@@ -8,9 +8,10 @@ from typing import TextIO
 import structlog
 
 from forwarder.config import Settings
-from forwarder.cycle import Forwarder
 from forwarder.errors import EXIT_OK, ForwarderError
-from forwarder.state import SqliteStateStore
+from forwarder.factory import build_forwarder, open_store
+from forwarder.mailbox import Mailbox
+from forwarder.state import StateStore
 
 log = structlog.get_logger("forwarder")
 
@@ -24,36 +25,54 @@ def report(exc: ForwarderError, event: str) -> int:
 
 async def run_once(settings: Settings) -> int:
     try:
-        store = SqliteStateStore(settings.state_db)
+        store = open_store(settings)
     except ForwarderError as exc:
         return report(exc, "state_store_error")
-    forwarder = Forwarder(settings, store)
     try:
-        await forwarder.run_cycle()
-        return EXIT_OK
-    except ForwarderError as exc:
-        return report(exc, "cycle_failed")
+        status = EXIT_OK
+        for mailbox in settings.mailboxes():
+            forwarder = build_forwarder(settings, mailbox, store)
+            try:
+                await forwarder.run_cycle()
+            except ForwarderError as exc:
+                status = max(status, report(exc, "cycle_failed"))
+            finally:
+                await forwarder.close()
+        return status
     finally:
-        await forwarder.close()
         store.close()
 
 
 async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
-    lists = settings.expanded_lists()
+    try:
+        store = open_store(settings, exclusive=False)  # a daemon may be running
+    except ForwarderError as exc:
+        return report(exc, "check_failed")
+    try:
+        status = EXIT_OK
+        for mailbox in settings.mailboxes():
+            status = max(status, await _check_mailbox(settings, mailbox, store, out))
+        if status == EXIT_OK:
+            print(f"state store {settings.state_db}: ok", file=out)
+        return status
+    finally:
+        store.close()
+
+
+async def _check_mailbox(
+    settings: Settings, mailbox: Mailbox, store: StateStore, out: TextIO
+) -> int:
+    lists = mailbox.lists
     print(f"configuration: ok ({len(lists)} lists)", file=out)
     for address, members in sorted(lists.items()):
         print(f"  {address} -> {', '.join(members)}", file=out)
-    print(f"envelope sender: {settings.envelope_from}", file=out)
-    try:
-        store = SqliteStateStore(settings.state_db, exclusive=False)  # a daemon may be running
-    except ForwarderError as exc:
-        return report(exc, "check_failed")
-    forwarder = Forwarder(settings, store)
+    print(f"envelope sender: {mailbox.envelope_sender}", file=out)
+    forwarder = build_forwarder(settings, mailbox, store)
     try:
         await forwarder.connect()
         caps = forwarder.source.describe_capabilities()
         print(
-            f"{forwarder.source.server}: login ok, folder {settings.imap_folder!r} selected, "
+            f"{forwarder.source.server}: login ok, folder {mailbox.imap.folder!r} selected, "
             f"keywords {'yes' if caps['keywords'] else 'no'}, "
             f"IDLE {'yes' if caps['idle'] else 'no'}, "
             f"MOVE {'yes' if caps['move'] else 'no'}",
@@ -61,14 +80,12 @@ async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
         )
         smtp = forwarder.smtp.describe_capabilities()
         print(
-            f"{forwarder.smtp.server}: {'login' if settings.smtp_username else 'connection'} "
+            f"{forwarder.smtp.server}: {'login' if mailbox.smtp.username else 'connection'} "
             f"ok, size limit {smtp.get('size_limit') or 'none'}",
             file=out,
         )
-        print(f"state store {settings.state_db}: ok", file=out)
         return EXIT_OK
     except ForwarderError as exc:
         return report(exc, "check_failed")
     finally:
         await forwarder.close()
-        store.close()

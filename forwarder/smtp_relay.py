@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiosmtplib
 from aiosmtplib import (
@@ -22,8 +23,8 @@ from aiosmtplib import (
     SMTPServerDisconnected,
 )
 
-from forwarder.config import Settings
 from forwarder.errors import SmtpAuthError, SmtpError
+from forwarder.mailbox import SmtpEndpoint
 from forwarder.tls import tls_context
 from forwarder.wire import PIECE, data_pieces
 
@@ -49,9 +50,10 @@ class Reply:
 class SmtpRelay:
     """One reused SMTP connection to the submission server."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.server = f"SMTP server {settings.smtp_host}:{settings.smtp_port_effective}"
+    def __init__(self, endpoint: SmtpEndpoint, ca_file: Path | None = None) -> None:
+        self.endpoint = endpoint
+        self.ca_file = ca_file
+        self.server = endpoint.server
         self._smtp: aiosmtplib.SMTP | None = None
 
     @property
@@ -59,19 +61,19 @@ class SmtpRelay:
         return self._smtp is not None and self._smtp.is_connected
 
     async def connect(self) -> None:
-        s = self.settings
+        s = self.endpoint
         smtp = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port_effective,
-            use_tls=s.smtp_security == "tls",
+            hostname=s.host,
+            port=s.port,
+            use_tls=s.security == "tls",
             start_tls=False,  # done below, so that a missing STARTTLS gets a clear error
-            tls_context=tls_context(s, s.smtp_security),
+            tls_context=tls_context(self.ca_file, s.security),
             timeout=CONNECT_TIMEOUT,
         )
         try:
             await smtp.connect()
             await smtp.ehlo()  # now: SIZE, 8BITMIME and STARTTLS are known before MAIL
-            if s.smtp_security == "starttls":
+            if s.security == "starttls":
                 if not smtp.supports_extension("starttls"):
                     smtp.close()
                     raise SmtpError(
@@ -80,15 +82,15 @@ class SmtpRelay:
                     )
                 await smtp.starttls()
                 await smtp.ehlo()
-            if s.smtp_username:
-                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
-                await smtp.login(s.smtp_username, password)
+            if s.username:
+                password = s.password.get_secret_value() if s.password else ""
+                await smtp.login(s.username, password)
         except SmtpError:
             raise
         except SMTPAuthenticationError as exc:
             smtp.close()
             raise SmtpAuthError(
-                f"{self.server} refused the login of {s.smtp_username} ({exc.code}); check "
+                f"{self.server} refused the login of {s.username} ({exc.code}); check "
                 "FORWARDER_SMTP_USERNAME and FORWARDER_SMTP_PASSWORD"
             ) from None
         except (TimeoutError, SMTPException, OSError) as exc:
@@ -106,7 +108,7 @@ class SmtpRelay:
         a task per command.
         """
         try:
-            async with asyncio.timeout(self.settings.smtp_timeout):
+            async with asyncio.timeout(self.endpoint.timeout):
                 return await self._transaction(mail_from, recipients, prefix, raw)
         except SmtpError:
             self.drop()
@@ -114,7 +116,7 @@ class SmtpRelay:
         except TimeoutError:
             self.drop()
             raise SmtpError(
-                f"{self.server}: no reply within {self.settings.smtp_timeout:g} s "
+                f"{self.server}: no reply within {self.endpoint.timeout:g} s "
                 "(FORWARDER_SMTP_TIMEOUT); the message will be sent again"
             ) from None
         except (SMTPException, OSError) as exc:
@@ -236,8 +238,8 @@ class SmtpRelay:
 class SmtpPool:
     """A few reused connections, so that several transactions are in flight at once."""
 
-    def __init__(self, settings: Settings, size: int) -> None:
-        self.relays = [SmtpRelay(settings) for _ in range(size)]
+    def __init__(self, endpoint: SmtpEndpoint, ca_file: Path | None = None) -> None:
+        self.relays = [SmtpRelay(endpoint, ca_file) for _ in range(endpoint.connections)]
         self.server = self.relays[0].server
         self._idle: asyncio.Queue[SmtpRelay] = asyncio.Queue()
         for relay in self.relays:

@@ -1,84 +1,56 @@
-"""The state store: what was delivered to whom, what was skipped, how cycles went.
+"""The state store contract: what was delivered to whom, which messages of a folder were
+examined, how cycles went. The embedded SQLite backend is in `sqlite_store`.
 
-`StateStore` is the narrow interface the poll cycle uses; `SqliteStateStore`
-is the embedded default (WAL, synchronous=FULL: a result is on disk when
-`record_deliveries` returns). A PostgreSQL backend can implement the same protocol.
+Every key starts with the mailbox name, so deduplication and folder progress are
+per catch-all. Times are passed in by the caller (`now`): a store never reads its
+own clock for what it records (a backend may judge leases by its own clock).
+
+Several writers (instances) may share one store. Sending a (message, member)
+delivery is preceded by a claim: `claim` takes the deliveries that are due
+(new, deferred and due, or `pending` under an expired claim) for `owner` with a
+lease, and the caller sends only what it won. `record_results` is idempotent:
+only a delivery still `pending` takes a result, so writing the same results twice
+changes nothing.
+
+Folder progress replaces IMAP keywords as the memory of what was examined:
+every message examined gets a `UidRecord` (done, open, skipped, quarantined ...),
+and the folder's watermark is the highest UID below which every message has one.
+New mail is what lies above the watermark, plus the open records that are due.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import sqlite3
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
-from typing import Protocol, TextIO
-
-from forwarder.errors import StateError
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS deliveries (
-    message_key TEXT NOT NULL,
-    member TEXT NOT NULL,
-    address TEXT NOT NULL,
-    status TEXT NOT NULL,
-    code INTEGER,
-    reply TEXT NOT NULL DEFAULT '',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    first_try REAL NOT NULL,
-    next_try REAL,
-    updated REAL NOT NULL,
-    lists TEXT NOT NULL,
-    message_id TEXT,
-    PRIMARY KEY (message_key, member)
-) WITHOUT ROWID;
--- Only rows still in play are indexed by state: a delivered row never enters this
--- index, so a store of millions of old deliveries costs nothing per new message.
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_try)
-    WHERE status IN ('pending', 'deferred');
-CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
-CREATE TABLE IF NOT EXISTS skipped (
-    mailbox TEXT NOT NULL,
-    uid INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    message_id TEXT,
-    seen REAL NOT NULL,
-    PRIMARY KEY (mailbox, uid)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS cycles (
-    id INTEGER PRIMARY KEY,
-    started REAL NOT NULL,
-    finished REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    messages INTEGER NOT NULL,
-    forwarded INTEGER NOT NULL,
-    delivered INTEGER NOT NULL,
-    deferred INTEGER NOT NULL,
-    failed INTEGER NOT NULL,
-    skipped INTEGER NOT NULL,
-    error TEXT
-);
-"""
+from typing import Protocol
 
 
 class Status(StrEnum):
-    PENDING = "pending"  # about to be sent; still pending after a crash = outcome unknown
-    DELIVERED = "delivered"  # the server answered 250 after DATA
-    DEFERRED = "deferred"  # 4xx: tried again later, until the retry deadline
+    PENDING = "pending"  # claimed, about to be sent; under an expired claim = outcome unknown
+    DELIVERED = "delivered"  # the server answered 2xx after DATA
+    DEFERRED = "deferred"  # 4xx or no reply: tried again later, until the retry deadline
     FAILED = "failed"  # 5xx, or deferred past the deadline: final
 
     @property
     def final(self) -> bool:
         return self in (Status.DELIVERED, Status.FAILED)
+
+
+class UidState(StrEnum):
+    """What became of one message of the folder."""
+
+    DONE = "done"  # every member's result is final, none failed
+    FAILED = "failed"  # every result is final, at least one member failed
+    OPEN = "open"  # some member is deferred (or claimed elsewhere): looked at again when due
+    SKIPPED = "skipped"  # names no list, a loop, too many hops
+    QUARANTINED = "quarantined"  # unreadable or unsendable as it is: left for a person
+    BASELINE = "baseline"  # marked handled without sending (`baseline`, UIDVALIDITY change)
+    ELSEWHERE = "elsewhere"  # already marked $Forwarded by someone else: not sent
+
+    @property
+    def final(self) -> bool:
+        return self is not UidState.OPEN
 
 
 @dataclass(frozen=True)
@@ -112,12 +84,40 @@ class MemberState:
 
 
 @dataclass(frozen=True)
-class Skipped:
-    mailbox: str
-    fingerprint: str
-    uid: int
-    reason: str
+class ClaimRequest:
+    """One message and the members it is for: claim those that are due."""
+
+    message_key: str
     message_id: str | None
+    sender: str | None  # the message's sender address, for history
+    lists: tuple[str, ...]
+    members: tuple[tuple[str, str], ...]  # (normalised member, address as configured)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to one ClaimRequest."""
+
+    states: dict[str, MemberState]  # every requested member's state after the claim
+    won: frozenset[str] = frozenset()  # members this owner may send to now
+    interrupted: frozenset[str] = frozenset()  # won members whose earlier send was cut off
+
+
+@dataclass(frozen=True)
+class UidRecord:
+    uid: int
+    state: UidState
+    message_key: str | None = None
+    message_id: str | None = None
+    reason: str | None = None
+    due: float | None = None  # OPEN: when to look at it again (None: at once)
+
+
+@dataclass(frozen=True)
+class FolderState:
+    uidvalidity: int
+    watermark: int  # every UID <= watermark has a record (or was expunged)
+    complete_through: float | None  # start of the last cycle that examined all it found
 
 
 @dataclass(frozen=True)
@@ -132,219 +132,95 @@ class CycleRecord:
     failed: int = 0
     skipped: int = 0
     error: str | None = None
+    quarantined: int = 0
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One (message, member) delivery as the store keeps it, for status and history."""
+
+    mailbox: str
+    message_key: str
+    message_id: str | None
+    sender: str | None
+    member: str
+    address: str
+    status: Status
+    code: int | None
+    reply: str
+    attempts: int
+    first_try: float
+    next_try: float | None
+    updated: float
+    lists: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """What `forwarder status` shows, read in one consistent snapshot."""
+
+    last_cycle: CycleRecord | None
+    cycles: int
+    deliveries: dict[str, int]  # status -> (message, member) rows
+    forwarded_per_list: dict[str, int]  # list -> messages every member of which has a result
+    uids: dict[str, int]  # UidState -> messages (skipped, quarantined ... by reason below)
+    skipped: dict[str, int]  # reason -> messages
+    deferred: list[DeliveryRow] = field(default_factory=list)
+    failed: list[DeliveryRow] = field(default_factory=list)
+    failed_total: int = 0
 
 
 class StateStore(Protocol):
-    """What the poll cycle needs from a state store. Every write is durable on return."""
+    """What the cycle, `status` and the operator commands need from a state store.
 
-    def member_states(self, keys: Sequence[str]) -> dict[str, dict[str, MemberState]]: ...
+    Every write is durable when it returns; a failed write raises StateError and
+    changes nothing.
+    """
 
-    def record_pending(self, results: Sequence[MessageResult]) -> None: ...
+    # Deliveries -------------------------------------------------------------------
+    def claim(
+        self,
+        mailbox: str,
+        requests: Sequence[ClaimRequest],
+        owner: str,
+        now: float,
+        lease: float,
+    ) -> list[Claim]: ...
 
-    def record_results(self, results: Sequence[MessageResult]) -> None: ...
+    def renew(self, owner: str, now: float, lease: float) -> None: ...
 
-    def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]: ...
+    def release(self, mailbox: str, keys: Sequence[tuple[str, str]], owner: str) -> None: ...
 
-    def record_skipped(self, items: Sequence[Skipped]) -> None: ...
+    def record_results(
+        self, mailbox: str, results: Sequence[MessageResult], now: float
+    ) -> None: ...
 
-    def record_cycle(self, cycle: CycleRecord) -> None: ...
+    # Folder progress --------------------------------------------------------------
+    def folder(self, mailbox: str, uidvalidity: int) -> FolderState | None: ...
+
+    def last_folder(self, mailbox: str) -> FolderState | None: ...
+
+    def open_uids(self, mailbox: str, uidvalidity: int, now: float) -> list[int]: ...
+
+    def unmarked_uids(self, mailbox: str, uidvalidity: int) -> list[UidRecord]: ...
+
+    def record_uids(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        records: Sequence[UidRecord],
+        now: float,
+        *,
+        watermark: int | None = None,
+        complete_through: float | None = None,
+        marked: Sequence[int] = (),
+    ) -> None: ...
+
+    # Reporting ----------------------------------------------------------------------
+    def record_cycle(self, mailbox: str, cycle: CycleRecord) -> None: ...
 
     def prune(self, before: float) -> int: ...
 
+    def report(self, mailbox: str | None, failed_limit: int) -> StoreReport: ...
+
     def close(self) -> None: ...
-
-
-class SqliteStateStore:
-    """SQLite state file. Every write is one committed transaction.
-
-    Safe to call from the event loop and from worker threads: one lock serialises
-    the connection, and `record_results` is meant to run in a thread (its fsync
-    then overlaps with network I/O).
-    """
-
-    def __init__(self, path: Path, *, exclusive: bool = True) -> None:
-        self.path = path
-        self._lock = threading.RLock()
-        self._lockfile: TextIO | None = None
-        if not path.parent.is_dir():
-            raise StateError(
-                f"state store {path}: directory {path.parent} does not exist; create it or "
-                "set FORWARDER_STATE_DB"
-            )
-        if exclusive:
-            self._take_lock()
-        try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout = 10000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("PRAGMA cache_size = -8192")  # KiB: hot B-tree pages stay cached
-            self._db.executescript(_SCHEMA)  # idempotent; executescript commits itself
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-        except sqlite3.Error as exc:
-            raise StateError(
-                f"state store {path}: cannot open ({exc}); check the path, "
-                "permissions and free space"
-            ) from None
-
-    def _take_lock(self) -> None:
-        """One forwarder process per state file: two would send the same messages."""
-        lockpath = self.path.with_name(self.path.name + ".lock")
-        try:
-            lockfile = open(lockpath, "a+")  # noqa: SIM115 (held for the store's lifetime)
-        except OSError as exc:
-            raise StateError(
-                f"state store {self.path}: cannot create {lockpath} "
-                f"({exc.strerror}); check permissions"
-            ) from None
-        try:
-            fcntl.flock(lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lockfile.seek(0)
-            owner = lockfile.read().strip() or "unknown"
-            lockfile.close()
-            raise StateError(
-                f"state store {self.path} is in use by another forwarder process (pid {owner}); "
-                "run one instance per FORWARDER_STATE_DB"
-            ) from None
-        lockfile.truncate(0)
-        lockfile.write(str(os.getpid()))
-        lockfile.flush()
-        self._lockfile = lockfile
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                finally:
-                    if self._db.in_transaction:
-                        with suppress(sqlite3.Error):
-                            self._db.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                raise StateError(
-                    f"state store {self.path}: write failed ({exc}); nothing is sent "
-                    "until it can be written again (check free space)"
-                ) from None
-
-    def member_states(self, keys: Sequence[str]) -> dict[str, dict[str, MemberState]]:
-        found: dict[str, dict[str, MemberState]] = {key: {} for key in keys}
-        unique = list(found)
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            with self._lock:
-                rows = self._db.execute(
-                    "SELECT message_key, member, status, attempts, first_try, next_try "
-                    f"FROM deliveries WHERE message_key IN ({','.join('?' * len(chunk))})",
-                    chunk,
-                ).fetchall()
-            for key, member, status, attempts, first_try, next_try in rows:
-                found[key][member] = MemberState(Status(status), attempts, first_try, next_try)
-        return found
-
-    def record_pending(self, results: Sequence[MessageResult]) -> None:
-        """Deliveries about to be attempted: new rows, or deferred ones now retried."""
-        now = time.time()
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO deliveries (message_key, member, address, status, attempts, "
-                "first_try, updated, lists, message_id) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?, ?) "
-                "ON CONFLICT (message_key, member) DO UPDATE SET status = 'pending', "
-                "updated = excluded.updated WHERE status = 'deferred'",
-                [
-                    (r.message_key, d.member, d.address, now, now, ",".join(r.lists), r.message_id)
-                    for r in results
-                    for d in r.deliveries
-                ],
-            )
-
-    def record_results(self, results: Sequence[MessageResult]) -> None:
-        """The servers' replies, in one transaction (a group commit)."""
-        now = time.time()
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO deliveries (message_key, member, address, status, code, reply, "
-                "attempts, first_try, next_try, updated, lists, message_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (message_key, member) DO UPDATE SET status = excluded.status, "
-                "code = excluded.code, reply = excluded.reply, attempts = attempts + 1, "
-                "next_try = excluded.next_try, updated = excluded.updated",
-                [
-                    (
-                        r.message_key,
-                        d.member,
-                        d.address,
-                        d.status.value,
-                        d.code,
-                        d.reply[:1000],
-                        now,
-                        d.next_try,
-                        now,
-                        ",".join(r.lists),
-                        r.message_id,
-                    )
-                    for r in results
-                    for d in r.deliveries
-                ],
-            )
-
-    def skipped_uids(self, mailbox: str, fingerprint: str) -> set[int]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT uid FROM skipped WHERE mailbox = ? AND fingerprint = ?",
-                (mailbox, fingerprint),
-            ).fetchall()
-        return {uid for (uid,) in rows}
-
-    def record_skipped(self, items: Sequence[Skipped]) -> None:
-        now = time.time()
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO skipped (mailbox, uid, fingerprint, reason, message_id, "
-                "seen) VALUES (?, ?, ?, ?, ?, ?)",
-                [(i.mailbox, i.uid, i.fingerprint, i.reason, i.message_id, now) for i in items],
-            )
-
-    def prune(self, before: float) -> int:
-        """Forget final deliveries and skipped messages last touched before `before`."""
-        with self._transaction() as db:
-            count = db.execute(
-                "DELETE FROM deliveries WHERE updated < ? AND status IN ('delivered', 'failed')",
-                (before,),
-            ).rowcount
-            db.execute("DELETE FROM skipped WHERE seen < ?", (before,))
-        return count
-
-    def record_cycle(self, cycle: CycleRecord) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO cycles (started, finished, outcome, messages, forwarded, delivered, "
-                "deferred, failed, skipped, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cycle.started,
-                    cycle.finished,
-                    cycle.outcome,
-                    cycle.messages,
-                    cycle.forwarded,
-                    cycle.delivered,
-                    cycle.deferred,
-                    cycle.failed,
-                    cycle.skipped,
-                    cycle.error,
-                ),
-            )
-            db.execute("DELETE FROM cycles WHERE id <= (SELECT MAX(id) - 1000 FROM cycles)")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-        if self._lockfile is not None:
-            self._lockfile.close()  # releases the lock
-            self._lockfile = None

@@ -8,24 +8,17 @@ grouped generically, so a status added later is counted without a change here.
 from __future__ import annotations
 
 import json
-import sqlite3
 import sys
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
-from forwarder.config import Settings, env_name
+from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, StateError
+from forwarder.factory import open_store
+from forwarder.reporting import iso
+from forwarder.state import StateStore
 
 FAILED_SHOWN = 50
-
-
-def iso(timestamp: float | None) -> str | None:
-    """A Unix time as ISO 8601 in UTC, to the second."""
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -39,6 +32,7 @@ class LastCycle:
     deferred: int
     failed: int
     skipped: int
+    quarantined: int
     error: str | None
 
 
@@ -69,8 +63,9 @@ class StatusReport:
     last_cycle: LastCycle | None
     cycles: int
     deliveries: dict[str, int]  # status -> (message, member) rows
-    forwarded_per_list: dict[str, int]  # list -> messages with a delivered copy
+    forwarded_per_list: dict[str, int]  # list -> messages whose every delivery is final
     skipped: dict[str, int]  # reason -> messages
+    messages: dict[str, int] = field(default_factory=dict)  # message state -> messages
     deferred: list[Deferred] = field(default_factory=list)
     failed: list[Failed] = field(default_factory=list)
 
@@ -78,87 +73,54 @@ class StatusReport:
         return asdict(self)
 
 
-def _split_lists(joined: str) -> list[str]:
-    return [part for part in joined.split(",") if part]
-
-
-def read_status(path: Path, configured_lists: tuple[str, ...] = ()) -> StatusReport:
-    """Read the state store at `path` without writing to it; StateError if impossible."""
-    if not path.is_file():
-        raise StateError(
-            f"state store {path} does not exist (set {env_name('state_db')} to the file "
-            "the daemon uses)"
-        )
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise StateError(f"state store {path}: cannot open read-only ({exc})") from None
-    try:
-        db.execute("PRAGMA busy_timeout = 10000")
-        return _read(db, path, configured_lists)
-    except sqlite3.Error as exc:
-        raise StateError(
-            f"state store {path}: cannot read ({exc}); is it the forwarder's state file? "
-            f"(set {env_name('state_db')})"
-        ) from None
-    finally:
-        db.close()
-
-
-def _read(db: sqlite3.Connection, path: Path, configured_lists: tuple[str, ...]) -> StatusReport:
-    db.execute("BEGIN")  # one consistent snapshot, even while the daemon writes
-    row = db.execute(
-        "SELECT started, finished, outcome, messages, forwarded, delivered, deferred, failed, "
-        "skipped, error FROM cycles ORDER BY id DESC LIMIT 1"
-    ).fetchone()
+def read_status(
+    store: StateStore,
+    where: str,
+    configured_lists: tuple[str, ...] = (),
+    mailbox: str | None = None,
+) -> StatusReport:
+    """What `store` says, for people; StateError if it cannot be read."""
+    r = store.report(mailbox, FAILED_SHOWN)
     last = None
-    if row is not None:
-        started, finished, *rest = row
-        last = LastCycle(iso(started), iso(finished), *rest)
-    (cycles,) = db.execute("SELECT COUNT(*) FROM cycles").fetchone()
-
-    deliveries = dict(
-        db.execute(
-            "SELECT status, COUNT(*) FROM deliveries GROUP BY status ORDER BY status"
-        ).fetchall()
-    )
-
-    forwarded: dict[str, set[str]] = {address: set() for address in configured_lists}
-    for key, lists in db.execute(
-        "SELECT DISTINCT message_key, lists FROM deliveries WHERE status = 'delivered'"
-    ):
-        for address in _split_lists(lists):
-            forwarded.setdefault(address, set()).add(key)
-
-    skipped = dict(
-        db.execute("SELECT reason, COUNT(*) FROM skipped GROUP BY reason ORDER BY reason")
-    )
-
-    deferred = [
-        Deferred(member, message_id, attempts, iso(next_try), code, reply, _split_lists(lists))
-        for member, message_id, attempts, next_try, code, reply, lists in db.execute(
-            "SELECT member, message_id, attempts, next_try, code, reply, lists FROM deliveries "
-            "WHERE status = 'deferred' ORDER BY next_try, message_key, member"
+    if (c := r.last_cycle) is not None:
+        last = LastCycle(
+            iso(c.started),
+            iso(c.finished),
+            c.outcome,
+            c.messages,
+            c.forwarded,
+            c.delivered,
+            c.deferred,
+            c.failed,
+            c.skipped,
+            c.quarantined,
+            c.error,
         )
-    ]
-    failed = [
-        Failed(member, message_id, code, reply, iso(updated), _split_lists(lists))
-        for member, message_id, code, reply, updated, lists in db.execute(
-            "SELECT member, message_id, code, reply, updated, lists FROM deliveries "
-            "WHERE status = 'failed' ORDER BY updated DESC, message_key, member LIMIT ?",
-            (FAILED_SHOWN,),
-        )
-    ]
-    db.execute("COMMIT")
+    forwarded = dict.fromkeys(configured_lists, 0) | r.forwarded_per_list
     return StatusReport(
-        state_db=str(path),
+        state_db=where,
         last_cycle=last,
-        cycles=cycles,
-        deliveries=deliveries,
-        forwarded_per_list={address: len(keys) for address, keys in sorted(forwarded.items())},
-        skipped=skipped,
-        deferred=deferred,
-        failed=failed,
+        cycles=r.cycles,
+        deliveries=r.deliveries,
+        forwarded_per_list=dict(sorted(forwarded.items())),
+        skipped=r.skipped,
+        messages=r.uids,
+        deferred=[
+            Deferred(
+                d.member,
+                d.message_id,
+                d.attempts,
+                iso(d.next_try),
+                d.code,
+                d.reply,
+                list(d.lists),
+            )
+            for d in r.deferred
+        ],
+        failed=[
+            Failed(d.member, d.message_id, d.code, d.reply, iso(d.updated), list(d.lists))
+            for d in r.failed
+        ],
     )
 
 
@@ -177,7 +139,7 @@ def render_text(report: StatusReport) -> str:
         lines.append(
             f"  messages {cycle.messages}, forwarded {cycle.forwarded}, "
             f"delivered {cycle.delivered}, deferred {cycle.deferred}, failed {cycle.failed}, "
-            f"skipped {cycle.skipped}"
+            f"skipped {cycle.skipped}, quarantined {cycle.quarantined}"
         )
         if cycle.error:
             lines.append(f"  error: {cycle.error}")
@@ -209,7 +171,11 @@ def render_text(report: StatusReport) -> str:
 async def show_status(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) -> int:
     """Print the state store's summary (text, or one JSON object with `as_json`)."""
     try:
-        report = read_status(settings.state_db, tuple(settings.lists))
+        store = open_store(settings, readonly=True)
+        try:
+            report = read_status(store, str(settings.state_db), tuple(settings.lists))
+        finally:
+            store.close()
     except StateError as exc:
         print(f"forwarder: {exc}", file=sys.stderr)
         return exc.exit_status

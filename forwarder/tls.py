@@ -3,11 +3,10 @@ certificate means for the person who has to fix it."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from forwarder.config import Settings
 
 # OpenSSL's X509_V_ERR_* codes (x509_vfy.h), as ssl.SSLCertVerificationError.verify_code.
 CERT_NOT_YET_VALID = 9
@@ -26,13 +25,20 @@ _UNTRUSTED = {
 }
 
 
-def tls_context(settings: Settings, security: str) -> ssl.SSLContext | None:
+def tls_context(ca_file: Path | None, security: str) -> ssl.SSLContext | None:
     """The system's trust store, plus FORWARDER_TLS_CA_FILE; None for `none` (no TLS)."""
     if security == "none":
         return None  # loading the trust store costs time and memory for nothing
+    return _context(ca_file)
+
+
+@functools.cache
+def _context(ca_file: Path | None) -> ssl.SSLContext:
+    """One context per CA file, shared by every connection: loading the system trust
+    store costs about a megabyte, which a thousand mailboxes must not pay each."""
     context = ssl.create_default_context()
-    if settings.tls_ca_file is not None:
-        context.load_verify_locations(cafile=str(settings.tls_ca_file))
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
     return context
 
 

@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from forwarder.config import Settings, load_settings
-from forwarder.cycle import CycleSummary, Forwarder
-from forwarder.state import SqliteStateStore
+from forwarder.cycle import Forwarder
+from forwarder.factory import build_forwarder
+from forwarder.reporting import CycleSummary
+from forwarder.sqlite_store import SqliteStateStore
+from forwarder.state import StateStore
 
 if TYPE_CHECKING:
     from tests.servers import MailServer, SmtpSink
@@ -78,11 +81,18 @@ def settings(make_settings: MakeSettings) -> Settings:
     return make_settings()
 
 
+def make_forwarder(
+    settings: Settings, store: StateStore, now: float | None = None
+) -> Forwarder:
+    """The pipeline of the settings' one mailbox, as the commands build it."""
+    kwargs = {"clock": lambda: now} if now is not None else {}
+    return build_forwarder(settings, settings.mailboxes()[0], store, **kwargs)  # type: ignore[arg-type]
+
+
 async def forward_once(settings: Settings, now: float | None = None) -> CycleSummary:
     """One poll cycle with a fresh Forwarder, as `forwarder once` does."""
     store = SqliteStateStore(settings.state_db)
-    kwargs = {"clock": lambda: now} if now is not None else {}
-    forwarder = Forwarder(settings, store, **kwargs)  # type: ignore[arg-type]
+    forwarder = make_forwarder(settings, store, now)
     try:
         return await forwarder.run_cycle()
     finally:

@@ -46,6 +46,7 @@ def test_logs_are_json_lines_when_stdout_is_not_a_terminal(
     mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
 ) -> None:
     del env_for_subprocess["FORWARDER_LOG_FORMAT"]
+    mailbox.deliver(build_message(), ["contact@example.org"])
     result = forwarder(env_for_subprocess, "once")
     lines = result.stdout.splitlines()
     assert lines and all(json.loads(line)["event"] for line in lines)
@@ -162,7 +163,7 @@ def test_misspelt_variable_is_refused_with_a_suggestion(env_for_subprocess: dict
 def test_second_instance_on_the_same_state_file_is_refused(
     mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
 ) -> None:
-    from forwarder.state import SqliteStateStore
+    from forwarder.sqlite_store import SqliteStateStore
 
     holder = SqliteStateStore(Path(env_for_subprocess["FORWARDER_STATE_DB"]))
     try:

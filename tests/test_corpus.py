@@ -28,7 +28,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from forwarder.config import load_settings
-from forwarder.cycle import CycleSummary
+from forwarder.reporting import CycleSummary
 from tests.conftest import ADMIN, LISTS, forward_once
 from tests.corpus.make_corpus import CORPUS, HERE, SENTINEL, SHARED_ID
 from tests.servers import MailServer, Received, SmtpSink

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,10 +10,10 @@ from structlog.testing import capture_logs
 
 import forwarder.cycle
 from forwarder.config import Settings
-from forwarder.cycle import Forwarder
 from forwarder.errors import StateError
-from forwarder.state import MessageResult, SqliteStateStore, Status
-from tests.conftest import forward_once
+from forwarder.sqlite_store import SqliteStateStore
+from forwarder.state import MessageResult
+from tests.conftest import forward_once, make_forwarder
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
 
@@ -27,10 +26,10 @@ class FlakyStore(SqliteStateStore):
 
     full = False
 
-    def record_results(self, results: Sequence[MessageResult]) -> None:
+    def record_results(self, mailbox: str, results: Sequence[MessageResult], now: float) -> None:
         if self.full:
             raise StateError(f"state store {self.path}: write failed (database or disk is full)")
-        super().record_results(results)
+        super().record_results(mailbox, results, now)
 
 
 async def test_unwritable_state_store_sends_nothing_and_leaves_the_message(
@@ -39,7 +38,7 @@ async def test_unwritable_state_store_sends_nothing_and_leaves_the_message(
     mailbox.deliver(build_message(), ["contact@example.org"])
     store = SqliteStateStore(settings.state_db)
     store._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
-    fwd = Forwarder(settings, store)
+    fwd = make_forwarder(settings, store)
     try:
         with pytest.raises(StateError, match="write failed"):
             await fwd.run_cycle()
@@ -61,7 +60,7 @@ async def test_results_that_could_not_be_committed_are_written_first_and_not_res
 ) -> None:
     mailbox.deliver(build_message(), ["contact@example.org"])
     store = FlakyStore(settings.state_db)
-    fwd = Forwarder(settings, store)
+    fwd = make_forwarder(settings, store)
     try:
         store.full = True
         with pytest.raises(StateError):
@@ -115,7 +114,7 @@ async def test_pending_rows_of_an_interrupted_run_are_sent_and_counted(
 ) -> None:
     mailbox.deliver(build_message(), ["contact@example.org"])
     store = FlakyStore(settings.state_db)
-    fwd = Forwarder(settings, store)
+    fwd = make_forwarder(settings, store)
     store.full = True  # as if killed between the server's reply and the commit
     with pytest.raises(StateError):
         await fwd.run_cycle()
@@ -135,31 +134,3 @@ def test_state_store_is_wal_with_full_fsync(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
-
-
-def test_pending_never_overwrites_a_final_result(tmp_path: Path) -> None:
-    from forwarder.state import Delivery
-
-    store = SqliteStateStore(tmp_path / "s.db")
-    done = Delivery("alice@example.org", "alice@example.org", Status.DELIVERED, 250, "ok")
-    store.record_results([MessageResult("k", None, ("contact@example.org",), (done,))])
-    pending = Delivery("alice@example.org", "alice@example.org", Status.PENDING)
-    store.record_pending([MessageResult("k", None, ("contact@example.org",), (pending,))])
-    states = store.member_states(["k"])
-    store.close()
-    assert states["k"]["alice@example.org"].status is Status.DELIVERED
-
-
-def test_prune_forgets_old_final_deliveries_only(tmp_path: Path) -> None:
-    from forwarder.state import Delivery
-
-    path = tmp_path / "s.db"
-    store = SqliteStateStore(path)
-    old = Delivery("a@example.org", "a@example.org", Status.DELIVERED, 250, "ok")
-    deferred = Delivery("b@example.org", "b@example.org", Status.DEFERRED, 451, "later", 1.0)
-    store.record_results([MessageResult("k", None, ("l@example.org",), (old, deferred))])
-    assert store.prune(before=10**12) == 1
-    remaining = store.member_states(["k"])["k"]
-    store.close()
-    assert list(remaining) == ["b@example.org"]
-    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] == 1

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import (
+    ClaimRequest,
     CycleRecord,
     Delivery,
     MessageResult,
-    Skipped,
-    SqliteStateStore,
     Status,
+    UidRecord,
+    UidState,
 )
-from forwarder.status import FAILED_SHOWN, read_status
+from forwarder.status import FAILED_SHOWN, StatusReport, read_status
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20+00:00
 NEXT_TRY = 1_900_000_000.0  # 2030-03-17T17:46:40+00:00
@@ -36,18 +38,45 @@ def forwarder(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+BOX = "default"
+
+
+def claim(
+    store: SqliteStateStore,
+    key: str,
+    message_id: str | None,
+    lists: Sequence[str],
+    members: Sequence[str],
+    now: float = T0,
+) -> None:
+    pairs = tuple((m, m) for m in members)
+    store.claim(BOX, [ClaimRequest(key, message_id, None, tuple(lists), pairs)], "test", now, 60)
+
+
 def record(
     store: SqliteStateStore,
     key: str,
     message_id: str | None,
     lists: Sequence[str],
     deliveries: Sequence[Delivery],
+    now: float = T0,
 ) -> None:
-    store.record_results([MessageResult(key, message_id, tuple(lists), tuple(deliveries))])
+    """One attempt: the members claimed, then the server's replies recorded."""
+    claim(store, key, message_id, lists, [d.member for d in deliveries], now)
+    result = MessageResult(key, message_id, tuple(lists), tuple(deliveries))
+    store.record_results(BOX, [result], now)
 
 
 def skip(store: SqliteStateStore, uid: int, reason: str) -> None:
-    store.record_skipped([Skipped("INBOX", "fp", uid, reason, f"<skipped-{uid}@example.net>")])
+    store.record_uids(BOX, 1, [UidRecord(uid, UidState.SKIPPED, reason=reason)], T0)
+
+
+def read(path: Path, lists: tuple[str, ...] = ()) -> StatusReport:
+    store = SqliteStateStore(path, readonly=True)
+    try:
+        return read_status(store, str(path), lists)
+    finally:
+        store.close()
 
 
 def ok(member: str) -> Delivery:
@@ -65,22 +94,27 @@ def build_state(path: Path) -> None:
             ["contact@example.org"],
             [ok("alice@example.org"), ok("bob@example.org")],
         )
-        deferred = Delivery(
-            "carol@example.org",
-            "carol@example.org",
-            Status.DEFERRED,
-            451,
-            "4.2.0 carol: mailbox busy,\ntry later",
-            NEXT_TRY,
+        reply = "4.2.0 carol: mailbox busy,\ntry later"
+        carol = "carol@example.org"
+        record(
+            store,
+            "key-b",
+            "<b@example.net>",
+            ["contact@example.org", "compta@example.org"],
+            [
+                ok("alice@example.org"),
+                ok("bob@example.org"),
+                Delivery(carol, carol, Status.DEFERRED, 451, reply, T0 + 1),
+            ],
         )
-        for _ in range(2):  # a second attempt, deferred again
-            record(
-                store,
-                "key-b",
-                "<b@example.net>",
-                ["contact@example.org", "compta@example.org"],
-                [ok("alice@example.org"), ok("bob@example.org"), deferred],
-            )
+        record(  # a second attempt, deferred again
+            store,
+            "key-b",
+            "<b@example.net>",
+            ["contact@example.org", "compta@example.org"],
+            [Delivery(carol, carol, Status.DEFERRED, 451, reply, NEXT_TRY)],
+            now=T0 + 2,
+        )
         record(
             store,
             "key-c",
@@ -108,15 +142,13 @@ def build_state(path: Path) -> None:
         skip(store, 8, "loop")
         skip(store, 9, "no-list")
         # A delivery in flight when the daemon died: counted under its own status.
-        pending = Delivery("dave@example.org", "dave@example.org", Status.PENDING)
-        store.record_pending(
-            [MessageResult("key-e", "<e@example.net>", ("direction@example.org",), (pending,))]
-        )
-        store.record_cycle(CycleRecord(T0 - 60, T0 - 59, "ok", 3, 3, 6, 1, 1, 0))
+        claim(store, "key-e", "<e@example.net>", ["direction@example.org"], ["dave@example.org"])
+        store.record_cycle(BOX, CycleRecord(T0 - 60, T0 - 59, "ok", 3, 3, 6, 1, 1, 0))
         store.record_cycle(
+            BOX,
             CycleRecord(
                 T0, T0 + 2.5, "error", 1, 0, 0, 0, 0, 0, "IMAP server 192.0.2.1:993: refused"
-            )
+            ),
         )
     finally:
         store.close()
@@ -143,13 +175,15 @@ def test_status_prints_the_last_cycle_lists_deferred_and_failed(state_env: dict[
     assert lines[1] == (
         "last cycle: 2023-11-14T22:13:22+00:00 (error), started 2023-11-14T22:13:20+00:00"
     )
-    assert lines[2] == "  messages 1, forwarded 0, delivered 0, deferred 0, failed 0, skipped 0"
+    assert lines[2] == (
+        "  messages 1, forwarded 0, delivered 0, deferred 0, failed 0, skipped 0, quarantined 0"
+    )
     assert lines[3] == "  error: IMAP server 192.0.2.1:993: refused"
     assert "deliveries: deferred 2, delivered 5, failed 1, pending 1" in lines
     at = lines.index("messages forwarded per list:")
-    assert lines[at + 1 : at + 4] == [
-        "  compta@example.org: 2",
-        "  contact@example.org: 2",
+    assert lines[at + 1 : at + 4] == [  # a message still deferred for one member: not yet
+        "  compta@example.org: 1",
+        "  contact@example.org: 1",
         "  direction@example.org: 0",
     ]
     assert "skipped: loop 2, no-list 1" in lines
@@ -185,13 +219,14 @@ def test_status_json_is_one_object_with_the_same_content(state_env: dict[str, st
         "deferred": 0,
         "failed": 0,
         "skipped": 0,
+        "quarantined": 0,
         "error": "IMAP server 192.0.2.1:993: refused",
     }
     assert status["cycles"] == 2
     assert status["deliveries"] == {"deferred": 2, "delivered": 5, "failed": 1, "pending": 1}
     assert status["forwarded_per_list"] == {
-        "compta@example.org": 2,
-        "contact@example.org": 2,
+        "compta@example.org": 1,
+        "contact@example.org": 1,
         "direction@example.org": 0,
     }
     assert status["skipped"] == {"loop": 2, "no-list": 1}
@@ -234,9 +269,9 @@ def test_status_reads_next_to_a_writer_without_writing(state_env: dict[str, str]
     try:
         writer.execute("BEGIN IMMEDIATE")  # what SqliteStateStore holds while it writes
         writer.execute(
-            "INSERT INTO deliveries (message_key, member, address, status, attempts, first_try, "
-            "updated, lists) VALUES ('key-x', 'x@example.org', 'x@example.org', 'delivered', 1, "
-            "0, 0, 'direction@example.org')"
+            "INSERT INTO deliveries (mailbox, message_key, member, address, status, attempts, "
+            "first_try, updated, lists) VALUES ('default', 'key-x', 'x@example.org', "
+            "'x@example.org', 'delivered', 1, 0, 0, 'direction@example.org')"
         )
         result = forwarder(state_env, "status", "--json")
         writer.execute("ROLLBACK")
@@ -283,7 +318,7 @@ def test_json_flag_belongs_to_status_only(state_env: dict[str, str]) -> None:
 def test_a_fresh_store_has_no_cycle_yet(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     SqliteStateStore(path).close()
-    report = read_status(path, ("contact@example.org",))
+    report = read(path, ("contact@example.org",))
     assert report.last_cycle is None
     assert report.cycles == 0
     assert report.deliveries == {}
@@ -297,10 +332,17 @@ def test_only_the_most_recent_failures_are_listed(tmp_path: Path) -> None:
     try:
         for n in range(FAILED_SHOWN + 5):
             failure = Delivery("carol@example.org", "carol@example.org", Status.FAILED, 550, "no")
-            record(store, f"key-{n:03}", f"<{n:03}@example.net>", ["compta@example.org"], [failure])
+            record(
+                store,
+                f"key-{n:03}",
+                f"<{n:03}@example.net>",
+                ["compta@example.org"],
+                [failure],
+                now=T0 + n,
+            )
     finally:
         store.close()
-    report = read_status(path)
+    report = read(path)
     assert report.deliveries == {"failed": FAILED_SHOWN + 5}
     ids = [f.message_id for f in report.failed]
     assert len(ids) == FAILED_SHOWN

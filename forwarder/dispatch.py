@@ -1,0 +1,197 @@
+"""Claim, send, commit: the deliveries of one batch of routed messages.
+
+The members of each message are claimed in the state store first, and only the
+claims won are sent: with several instances on one store, each (message, member)
+goes out once. Copies of one message (same key) are sent in turn, so that a
+member two copies are for receives one; different messages go out concurrently
+over the SMTP pool. Every reply is committed (group commit) before the message
+goes on. After a failed commit nothing more is sent; claims never used are given
+back, so those members are due again at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from email.utils import formatdate
+
+import structlog
+
+from forwarder.addresses import normalize
+from forwarder.committer import GroupCommitter
+from forwarder.errors import ForwarderError, StateError
+from forwarder.mailbox import Mailbox
+from forwarder.plan import Message, claim_request, group_by_key
+from forwarder.reporting import CycleSummary, Reporter
+from forwarder.retry import classify
+from forwarder.routing import Route
+from forwarder.smtp_relay import Reply, SmtpPool
+from forwarder.state import Claim, MemberState, MessageResult, StateStore, Status
+
+log = structlog.get_logger("forwarder.cycle")
+# What a send cut off before its reply leaves behind, when retried past the deadline.
+UNKNOWN = Reply(550, "outcome of the last attempt unknown (cut off before the reply)")
+MAX_RCPT = 100  # recipients per SMTP transaction (RFC 5321 4.5.3.1.8 minimum a server accepts)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        store: StateStore,
+        smtp: SmtpPool,
+        committer: GroupCommitter,
+        reporter: Reporter,
+        *,
+        owner: str,
+        lease: float,
+        retry_for: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.mailbox = mailbox
+        self.store = store
+        self.smtp = smtp
+        self.committer = committer
+        self.reporter = reporter
+        self.owner = owner
+        self.lease = lease
+        self.retry_for = retry_for
+        self.clock = clock
+        self.hostname = socket.gethostname()
+        self.stopping = False  # set by the daemon: finish the transactions in flight only
+
+    async def dispatch(
+        self, messages: list[Message], summary: CycleSummary
+    ) -> tuple[dict[str, dict[str, MemberState]], dict[int, Exception]]:
+        """Send `messages`; return every key's member states and the messages that could
+        not be sent as they are (to quarantine). Raises on a server or store failure,
+        after giving back the claims it did not use."""
+        groups = group_by_key(messages)
+        requests = [claim_request(copies) for copies in groups.values()]
+        now = self.clock()
+        claims: list[Claim] = await asyncio.to_thread(
+            self.store.claim, self.mailbox.name, requests, self.owner, now, self.lease
+        )
+        states = {key: dict(c.states) for key, c in zip(groups, claims, strict=True)}
+        unused = {(key, m) for key, c in zip(groups, claims, strict=True) for m in c.won}
+        broken: dict[int, Exception] = {}
+        for copies, claim in zip(groups.values(), claims, strict=True):
+            for message in copies:
+                message.interrupted = sum(
+                    1 for a in message.route.recipients if normalize(a) in claim.interrupted
+                )
+        try:
+            outcomes = await asyncio.gather(
+                *(
+                    self._send_copies(copies, states[key], unused, now, summary, broken)
+                    for key, copies in groups.items()
+                ),
+                return_exceptions=True,
+            )
+        finally:
+            if unused and not self.committer.failed:
+                try:
+                    await asyncio.to_thread(
+                        self.store.release, self.mailbox.name, sorted(unused), self.owner
+                    )
+                except StateError as exc:
+                    log.warning("claims_not_released", error=str(exc), count=len(unused))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return states, broken
+
+    async def _send_copies(
+        self,
+        copies: list[Message],
+        states: dict[str, MemberState],
+        unused: set[tuple[str, str]],
+        now: float,
+        summary: CycleSummary,
+        broken: dict[int, Exception],
+    ) -> None:
+        for message in copies:
+            with structlog.contextvars.bound_contextvars(uid=message.uid, message_id=message.ident):
+                try:
+                    await self._send(message, states, unused, now, summary)
+                except ForwarderError:
+                    raise
+                except Exception as exc:  # this message cannot be sent as it is
+                    broken[message.uid] = exc
+
+    async def _send(
+        self,
+        message: Message,
+        states: dict[str, MemberState],
+        unused: set[tuple[str, str]],
+        now: float,
+        summary: CycleSummary,
+    ) -> None:
+        wanted = [a for a in message.route.recipients if (message.key, normalize(a)) in unused]
+        if expired := [a for a in wanted if self._gave_up(states.get(normalize(a)), now)]:
+            # Sends cut off again and again (crashes) until the retry deadline: give up.
+            wanted = [a for a in wanted if a not in expired]
+            await self._record(message, expired, {}, states, unused, now, summary)
+        prefix = self._trace(message.route)
+        for start in range(0, len(wanted), MAX_RCPT):
+            if self.committer.failed:
+                raise StateError("a commit failed: nothing more is sent until it is written")
+            if self.stopping:
+                return
+            chunk = wanted[start : start + MAX_RCPT]
+            async with self.smtp.session() as relay:
+                replies = await relay.send(self.mailbox.envelope_sender, chunk, prefix, message.raw)
+            await self._record(message, chunk, replies, states, unused, now, summary)
+
+    def _gave_up(self, state: MemberState | None, now: float) -> bool:
+        return (
+            state is not None
+            and state.status is Status.PENDING
+            and state.attempts > 0
+            and now - state.first_try >= self.retry_for
+        )
+
+    async def _record(
+        self,
+        message: Message,
+        addresses: list[str],
+        replies: dict[str, Reply],
+        states: dict[str, MemberState],
+        unused: set[tuple[str, str]],
+        now: float,
+        summary: CycleSummary,
+    ) -> None:
+        for a in addresses:
+            unused.discard((message.key, normalize(a)))
+        deliveries = tuple(
+            classify(
+                normalize(a),
+                a,
+                replies.get(a, UNKNOWN),
+                states.get(normalize(a)),
+                now,
+                self.retry_for,
+            )
+            for a in addresses
+        )
+        await self.committer.commit(
+            MessageResult(message.key, message.ident, message.route.lists, deliveries)
+        )
+        for d in deliveries:
+            previous = states.get(d.member)
+            states[d.member] = MemberState(
+                d.status,
+                (previous.attempts if previous else 0) + 1,
+                previous.first_try if previous else now,
+                d.next_try,
+            )
+            if d.status is Status.DELIVERED:
+                message.delivered_to.append(d.address)
+            self.reporter.delivery(d, message, summary)
+
+    def _trace(self, decision: Route) -> bytes:
+        """The only bytes added to a message: trace and loop lines on top."""
+        lines = [f"Received: by {self.hostname} (forwarder); {formatdate(self.clock())}\r\n"]
+        lines += [f"X-Loop: {address}\r\n" for address in decision.lists]
+        return "".join(lines).encode("ascii", "replace")

@@ -1,0 +1,57 @@
+"""Building the resources of a run from the settings: the state store, and for each
+mailbox its IMAP source, SMTP pool and pipeline. Tests build their own and pass them in.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+
+from forwarder.config import Settings
+from forwarder.cycle import CycleOptions, Forwarder
+from forwarder.imap_source import ImapSource
+from forwarder.mailbox import Mailbox
+from forwarder.smtp_relay import SmtpPool
+from forwarder.sqlite_store import SqliteStateStore
+from forwarder.state import StateStore
+
+
+def owner_id() -> str:
+    """Who claims deliveries: unique per process, readable in the store."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+def open_store(settings: Settings, *, exclusive: bool = True, readonly: bool = False) -> StateStore:
+    """The configured state store. Raises StateError when it cannot be opened."""
+    return SqliteStateStore(settings.state_db, exclusive=exclusive, readonly=readonly)
+
+
+def cycle_options(settings: Settings) -> CycleOptions:
+    return CycleOptions(
+        fetch_batch_bytes=settings.fetch_batch_bytes,
+        fetch_batch_messages=settings.fetch_batch_messages,
+        retry_for=settings.retry_for,
+        state_retention=settings.state_retention,
+    )
+
+
+def build_forwarder(
+    settings: Settings,
+    mailbox: Mailbox,
+    store: StateStore,
+    *,
+    owner: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Forwarder:
+    return Forwarder(
+        mailbox,
+        cycle_options(settings),
+        store,
+        ImapSource(mailbox.imap, settings.tls_ca_file),
+        SmtpPool(mailbox.smtp, settings.tls_ca_file),
+        owner=owner or owner_id(),
+        clock=clock,
+    )
