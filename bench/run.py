@@ -636,7 +636,7 @@ class Bench:
             "claim_until",
         ]
         if columns != expected:
-            raise RuntimeError(f"forwarder/sqlite_schema.py changed: deliveries columns are {columns}")
+            raise RuntimeError(f"the deliveries columns changed: {columns}")
         indexes = db.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' "
             "AND tbl_name = 'deliveries' AND sql IS NOT NULL"
