@@ -12,6 +12,7 @@ import pytest
 from forwarder.config import Settings, load_settings
 from forwarder.cycle import Forwarder
 from forwarder.factory import build_forwarder
+from forwarder.imap_source import ImapSource
 from forwarder.reporting import CycleSummary
 from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import StateStore
@@ -81,12 +82,15 @@ def settings(make_settings: MakeSettings) -> Settings:
     return make_settings()
 
 
-def make_forwarder(
-    settings: Settings, store: StateStore, now: float | None = None
-) -> Forwarder:
+def make_forwarder(settings: Settings, store: StateStore, now: float | None = None) -> Forwarder:
     """The pipeline of the settings' one mailbox, as the commands build it."""
     kwargs = {"clock": lambda: now} if now is not None else {}
     return build_forwarder(settings, settings.mailboxes()[0], store, **kwargs)  # type: ignore[arg-type]
+
+
+def imap_source(settings: Settings) -> ImapSource:
+    """The IMAP source of the settings' one mailbox."""
+    return ImapSource(settings.imap_endpoint, settings.tls_ca_file)
 
 
 async def forward_once(settings: Settings, now: float | None = None) -> CycleSummary:

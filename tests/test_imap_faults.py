@@ -12,15 +12,13 @@ from structlog.testing import capture_logs
 
 from forwarder.errors import (
     EXIT_AUTH,
-    EXIT_CONFIG,
     EXIT_RUNTIME,
     ImapAuthError,
     ImapBusyError,
-    KeywordsNotSupported,
 )
 from forwarder.idle import IdleWatcher
-from forwarder.imap_source import QUARANTINE, ImapSource
-from tests.conftest import MakeSettings, forward_once
+from forwarder.imap_source import FORWARDED, QUARANTINE
+from tests.conftest import MakeSettings, forward_once, imap_source
 from tests.imap_faults import ImapFaultProxy, Refusal
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
@@ -53,7 +51,7 @@ def test_second_login_refused_for_now_is_a_busy_error_not_refused_credentials(
     make_settings: MakeSettings,
 ) -> None:
     imap_faults.max_logins, imap_faults.refusal = 1, refusal
-    source = ImapSource(make_settings(imap_port=imap_faults.port))
+    source = imap_source(make_settings(imap_port=imap_faults.port))
     with pytest.raises(ImapBusyError) as error:
         source.connect()
     assert imap_faults.refused_logins == 1
@@ -69,15 +67,15 @@ def test_second_session_refused_by_dovecot_connection_limit_is_a_busy_error(
 ) -> None:
     with OneSessionMailServer() as server:
         settings = make_settings(imap_port=server.imap_port)
-        first = ImapSource(settings)
+        first = imap_source(settings)
         first.connect()
         try:
             with pytest.raises(ImapBusyError) as error:
-                ImapSource(settings).connect()
+                imap_source(settings).connect()
         finally:
             first.close()
         assert "[LIMIT]" in str(error.value)
-        again = ImapSource(settings)
+        again = imap_source(settings)
         again.connect()  # the slot is free again
         again.close()
 
@@ -87,7 +85,7 @@ def test_wrong_password_is_refused_credentials_naming_the_settings(
 ) -> None:
     # A Dovecot of its own: after a failed login Dovecot slows the next ones from the IP.
     with OneSessionMailServer() as server:
-        source = ImapSource(make_settings(imap_port=server.imap_port, imap_password="wrong-pw"))
+        source = imap_source(make_settings(imap_port=server.imap_port, imap_password="wrong-pw"))
         with pytest.raises(ImapAuthError) as error:
             source.connect()
     assert error.value.exit_status == EXIT_AUTH
@@ -101,7 +99,7 @@ def test_idle_watcher_retries_a_refused_login_and_idles_once_the_slot_is_free(
 ) -> None:
     imap_faults.max_logins = 1
     woken = threading.Event()
-    watcher = IdleWatcher(make_settings(imap_port=imap_faults.port), woken.set)
+    watcher = IdleWatcher(make_settings(imap_port=imap_faults.port).imap_endpoint, woken.set)
     with capture_logs() as events:
         watcher.start()
         try:
@@ -140,16 +138,36 @@ async def test_one_unreadable_message_is_quarantined_and_the_others_are_forwarde
 # --------------------------------------------------------------------------- keywords
 
 
-async def test_cycle_refuses_a_folder_without_keywords_as_a_configuration_error(
+async def test_folder_without_keywords_forwards_each_message_exactly_once(
     mailbox: MailServer,
     smtp_sink: SmtpSink,
     imap_faults: ImapFaultProxy,
     make_settings: MakeSettings,
 ) -> None:
-    """Until the state store records every UID it examined (then keywords are optional)."""
+    """The state store remembers what was examined: keywords are only marks for people."""
     imap_faults.hide_keywords = True
+    settings = make_settings(imap_port=imap_faults.port)
+    mailbox.deliver(build_message(subject="first"), [CONTACT])
+    await forward_once(settings)
+    mailbox.deliver(build_message(subject="second"), [CONTACT])
+    await forward_once(settings)
+    await forward_once(settings)
+    subjects = [r.data.split(b"Subject: ")[1].split(b"\r\n")[0] for r in smtp_sink.received]
+    assert [s.split(b" ")[0] for s in subjects] == [b"first", b"second"]
+    assert all(FORWARDED not in flags for _, flags, _ in mailbox.messages())
+
+
+@pytest.mark.parametrize("store", ["no", "bad", "forget"])
+async def test_keywords_the_server_does_not_keep_never_cause_a_second_send(
+    store: str,
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    imap_faults: ImapFaultProxy,
+    make_settings: MakeSettings,
+) -> None:
+    imap_faults.keyword_store = store  # type: ignore[assignment]
+    settings = make_settings(imap_port=imap_faults.port)
     mailbox.deliver(build_message(), [CONTACT])
-    with pytest.raises(KeywordsNotSupported) as error:
-        await forward_once(make_settings(imap_port=imap_faults.port))
-    assert error.value.exit_status == EXIT_CONFIG and "$Forwarded" in str(error.value)
-    assert smtp_sink.received == []
+    for _ in range(3):
+        await forward_once(settings)
+    assert len(smtp_sink.received) == 1

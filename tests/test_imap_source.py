@@ -13,7 +13,7 @@ import pytest
 from forwarder.config import Settings
 from forwarder.errors import UnreadableMessage
 from forwarder.imap_source import FORWARD_FAILED, FORWARDED, SEEN, ImapSource
-from tests.conftest import MakeSettings
+from tests.conftest import MakeSettings, imap_source
 from tests.imap_faults import ImapFaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer
@@ -47,7 +47,7 @@ def make_readable(mailbox: MailServer) -> None:
 @pytest.fixture
 def source(settings: Settings) -> Iterator[ImapSource]:
     """A connected source; mail delivered afterwards is seen after a `noop()`."""
-    source = ImapSource(settings)
+    source = imap_source(settings)
     source.connect()
     yield source
     source.close()
@@ -64,7 +64,7 @@ def test_uids_above_a_uid_are_only_the_greater_ones(
     mailbox: MailServer, settings: Settings
 ) -> None:
     uids = deliver(mailbox, 3)
-    source = ImapSource(settings)
+    source = imap_source(settings)
     source.connect()
     try:
         assert source.uids_above(0) == uids
@@ -85,7 +85,7 @@ def test_uids_above_sees_mail_delivered_after_the_session_was_opened(
 
 def test_select_gives_uidvalidity_and_uidnext(mailbox: MailServer, settings: Settings) -> None:
     uids = deliver(mailbox, 2)
-    source = ImapSource(settings)
+    source = imap_source(settings)
     source.connect()
     try:
         assert source.uidvalidity == mailbox.uidvalidity()
@@ -130,7 +130,7 @@ def test_fetch_with_an_unreadable_mail_file_returns_the_others_and_names_it(
     bad = uids[7]
     raws = {uid: raw for uid, _flags, raw in mailbox.messages() if uid != bad}
     make_unreadable(mailbox, bad)
-    source = ImapSource(settings)
+    source = imap_source(settings)
     source.connect()
     try:
         fetched = source.fetch(uids, source.sizes(uids))
@@ -183,7 +183,7 @@ def test_select_without_keywords_in_permanentflags_does_not_fail(
     mailbox: MailServer, imap_faults: ImapFaultProxy, make_settings: MakeSettings
 ) -> None:
     imap_faults.hide_keywords = True
-    source = ImapSource(make_settings(imap_port=imap_faults.port))
+    source = imap_source(make_settings(imap_port=imap_faults.port))
     source.connect()
     try:
         assert source.keywords is False
@@ -198,7 +198,7 @@ def test_mark_in_a_folder_without_keywords_sends_no_keyword_and_still_sets_seen(
     uids = deliver(mailbox, 2)
     with ImapFaultProxy(mailbox.host, mailbox.imap_port, record=True) as proxy:
         proxy.hide_keywords = True
-        source = ImapSource(make_settings(imap_port=proxy.port))
+        source = imap_source(make_settings(imap_port=proxy.port))
         source.connect()
         try:
             assert source.mark(uids, [FORWARDED, FORWARD_FAILED, SEEN]) == uids
@@ -215,7 +215,7 @@ def test_mark_refused_for_keywords_keeps_seen_and_turns_keywords_off(
 ) -> None:
     uids = deliver(mailbox, 2)
     imap_faults.keyword_store = answer  # type: ignore[assignment]
-    source = ImapSource(make_settings(imap_port=imap_faults.port))
+    source = imap_source(make_settings(imap_port=imap_faults.port))
     source.connect()
     try:
         assert source.keywords
@@ -233,7 +233,7 @@ def test_mark_accepted_but_not_kept_reports_the_uids(
 ) -> None:
     uids = deliver(mailbox, 3)
     imap_faults.keyword_store = "forget"
-    source = ImapSource(make_settings(imap_port=imap_faults.port))
+    source = imap_source(make_settings(imap_port=imap_faults.port))
     source.connect()
     try:
         assert source.mark(uids, [FORWARDED, SEEN]) == uids

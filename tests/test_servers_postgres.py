@@ -85,9 +85,10 @@ def test_drop_database_closes_its_connections(postgres_cluster: PostgresCluster)
 
         with pytest.raises(psycopg.OperationalError):
             conn.execute("SELECT 1")
-    assert postgres_cluster.sql(
-        "SELECT datname FROM pg_database WHERE datname = %s", (database.name,)
-    ) == []
+    assert (
+        postgres_cluster.sql("SELECT datname FROM pg_database WHERE datname = %s", (database.name,))
+        == []
+    )
 
 
 def test_terminate_connections_breaks_a_client(postgres_db: PostgresDatabase) -> None:

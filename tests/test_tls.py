@@ -22,8 +22,7 @@ import pytest
 
 from forwarder.config import Settings
 from forwarder.errors import ForwarderError
-from forwarder.imap_source import ImapSource
-from tests.conftest import MakeSettings, forward_once
+from tests.conftest import MakeSettings, forward_once, imap_source
 from tests.faults import FaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink, self_signed_certificate
@@ -161,7 +160,7 @@ class ExpiredCertificateMailServer(MailServer):
 
 
 def imap_error(settings: Settings) -> ForwarderError:
-    source = ImapSource(settings)
+    source = imap_source(settings)
     with pytest.raises(ForwarderError) as error:
         source.connect()
     assert not source.connected

@@ -133,7 +133,10 @@ def self_signed_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path
 
 
 def server_env(
-    mail: MailServer, smtp: SmtpSink, state_db: Path, lists: dict[str, list[str]],
+    mail: MailServer,
+    smtp: SmtpSink,
+    state_db: Path,
+    lists: dict[str, list[str]],
     envelope_sender: str,
 ) -> dict[str, str]:
     """FORWARDER_* variables pointing a forwarder process at these servers."""

@@ -277,7 +277,7 @@ class PostgresCluster(Server):
                 "--auth-host=scram-sha-256",
                 "--no-sync",
                 "--no-instructions",
-            ]
+            ],
         )
 
     def _pg_ctl(self, action: str, *args: str) -> None:
