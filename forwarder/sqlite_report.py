@@ -7,7 +7,7 @@ from typing import Any
 
 from forwarder.state import CycleRecord, DeliveryRow, Status, StoreReport
 
-_ROW = (
+ROW_COLUMNS = (
     "mailbox, message_key, message_id, sender, member, address, status, code, reply, "
     "attempts, first_try, next_try, updated, lists"
 )
@@ -88,7 +88,7 @@ def read_report(db: sqlite3.Connection, mailbox: str | None, failed_limit: int) 
         deferred = [
             delivery_row(r)
             for r in db.execute(
-                f"SELECT {_ROW} FROM deliveries WHERE status = 'deferred' {also} "
+                f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status = 'deferred' {also} "
                 "ORDER BY next_try, message_key, member",
                 args,
             )
@@ -96,7 +96,7 @@ def read_report(db: sqlite3.Connection, mailbox: str | None, failed_limit: int) 
         failed = [
             delivery_row(r)
             for r in db.execute(
-                f"SELECT {_ROW} FROM deliveries WHERE status = 'failed' {also} "
+                f"SELECT {ROW_COLUMNS} FROM deliveries WHERE status = 'failed' {also} "
                 "ORDER BY updated DESC, message_key, member LIMIT ?",
                 [*args, failed_limit],
             )

@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
-from forwarder import sqlite_schema
+from forwarder import sqlite_ops, sqlite_schema
 from forwarder.errors import StateError
 from forwarder.mailbox import DEFAULT_MAILBOX
 from forwarder.sqlite_report import read_report
@@ -25,9 +25,12 @@ from forwarder.state import (
     Claim,
     ClaimRequest,
     CycleRecord,
+    DeliveryQuery,
+    DeliveryRow,
     FolderState,
     MemberState,
     MessageResult,
+    Requeued,
     Status,
     StoreReport,
     UidRecord,
@@ -438,6 +441,37 @@ class SqliteStateStore:
     def report(self, mailbox: str | None, failed_limit: int) -> StoreReport:
         with self._reading() as db:
             return read_report(db, mailbox, failed_limit)
+
+    # Operator commands (forwarder.sqlite_ops) -------------------------------------------
+
+    def deliveries(
+        self, mailbox: str | None, query: DeliveryQuery, limit: int | None = None
+    ) -> list[DeliveryRow]:
+        with self._reading() as db:
+            return sqlite_ops.deliveries(db, mailbox, query, limit)
+
+    def uid_records(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        *,
+        uids: Sequence[int] = (),
+        message_keys: Sequence[str] = (),
+        message_id: str | None = None,
+    ) -> list[UidRecord]:
+        with self._reading() as db:
+            return sqlite_ops.uid_records(db, mailbox, uidvalidity, uids, message_keys, message_id)
+
+    def requeue(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        deliveries: Sequence[tuple[str, str]],
+        uids: Sequence[int],
+        now: float,
+    ) -> Requeued:
+        with self._transaction() as db:
+            return sqlite_ops.requeue(db, mailbox, uidvalidity, deliveries, uids, now)
 
     def close(self) -> None:
         with self._lock:

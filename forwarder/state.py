@@ -16,6 +16,10 @@ Folder progress replaces IMAP keywords as the memory of what was examined:
 every message examined gets a `UidRecord` (done, open, skipped, quarantined ...),
 and the folder's watermark is the highest UID below which every message has one.
 New mail is what lies above the watermark, plus the open records that are due.
+
+The operator commands read deliveries and records (`deliveries`, `uid_records`:
+dry run, history) and put deliveries back in play (`requeue`: retry); `baseline`
+uses `record_uids`.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ class UidRecord:
     message_id: str | None = None
     reason: str | None = None
     due: float | None = None  # OPEN: when to look at it again (None: at once)
+    updated: float | None = None  # when it was last written (filled by `uid_records` only)
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,27 @@ class DeliveryRow:
     next_try: float | None
     updated: float
     lists: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeliveryQuery:
+    """Which deliveries `StateStore.deliveries` returns: every field given must match
+    (an empty tuple or None matches anything)."""
+
+    message_keys: tuple[str, ...] = ()  # the message key is one of these
+    message_id: str | None = None  # normalised Message-ID (as `headers.message_id` gives)
+    member: str | None = None  # normalised member address (`addresses.normalize`)
+    list_address: str | None = None  # one of the lists the message was sent to
+    statuses: tuple[Status, ...] = ()  # the status is one of these
+    since: float | None = None  # last written (`DeliveryRow.updated`) at or after
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What `StateStore.requeue` changed."""
+
+    deliveries: tuple[tuple[str, str], ...]  # (message_key, member) put back in play
+    reopened: tuple[UidRecord, ...]  # the UID records reopened, as they were before
 
 
 @dataclass(frozen=True)
@@ -222,5 +248,48 @@ class StateStore(Protocol):
     def prune(self, before: float) -> int: ...
 
     def report(self, mailbox: str | None, failed_limit: int) -> StoreReport: ...
+
+    # Operator commands (dry run, history, retry) ---------------------------------------
+    def deliveries(
+        self, mailbox: str | None, query: DeliveryQuery, limit: int | None = None
+    ) -> list[DeliveryRow]:
+        """The deliveries matching `query` (of every mailbox when `mailbox` is None), most
+        recently written first (`updated` descending, then message_key, member); at most
+        `limit` rows. Read-only: works on a store opened `readonly`."""
+        ...
+
+    def uid_records(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        *,
+        uids: Sequence[int] = (),
+        message_keys: Sequence[str] = (),
+        message_id: str | None = None,
+    ) -> list[UidRecord]:
+        """The records of folder (mailbox, uidvalidity) whose UID is in `uids`, OR whose
+        message_key is in `message_keys`, OR whose message_id equals `message_id`; ordered
+        by UID, each with `updated` filled in. Read-only."""
+        ...
+
+    def requeue(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        deliveries: Sequence[tuple[str, str]],
+        uids: Sequence[int],
+        now: float,
+    ) -> Requeued:
+        """Put deliveries back in play and reopen their messages, in one transaction.
+
+        Each (message_key, member) of `deliveries` whose status is `failed` or `deferred`
+        becomes `deferred` and due at once: next_try = first_try = updated = `now` (a new
+        retry window), attempts, code and reply kept. Others (delivered, pending, unknown)
+        are left as they are. Then every record of folder (mailbox, uidvalidity) whose
+        message_key had a delivery put back, or whose UID is in `uids`, becomes OPEN with
+        no due time and no reason, so that the next cycle fetches the message again.
+        Returns what changed; the reopened records as they were before.
+        """
+        ...
 
     def close(self) -> None: ...

@@ -16,6 +16,7 @@ from forwarder.state import (
     ClaimRequest,
     CycleRecord,
     Delivery,
+    DeliveryQuery,
     MessageResult,
     StateStore,
     Status,
@@ -250,3 +251,131 @@ def test_final_messages_are_unmarked_until_their_keywords_are_written_down(
     assert [r.uid for r in store.unmarked_uids(BOX, 7)] == [1, 2, 3]
     store.record_uids(BOX, 7, [], T0 + 1, marked=[1, 3])
     assert [(r.uid, r.state) for r in store.unmarked_uids(BOX, 7)] == [(2, UidState.FAILED)]
+
+
+# Operator commands: deliveries, uid_records, requeue ------------------------------------
+
+
+def deliver(store: StateStore, key: str, *deliveries: Delivery, when: float = T0) -> None:
+    """Claim the members, then record their results at `when`."""
+    members = [d.member for d in deliveries]
+    store.claim(BOX, [request_for(key, *members, message_id=f"<{key}>")], "one", when, LEASE)
+    results = MessageResult(key, f"<{key}>", LISTS, deliveries)
+    store.record_results(BOX, [results], when)
+
+
+def test_deliveries_are_found_by_message_id_member_and_status(store: StateStore) -> None:
+    deliver(store, "k", ok("a@x.org"), refused("b@x.org"))
+    deliver(store, "j", later("a@x.org", T0 + 60))
+    by_id = store.deliveries(BOX, DeliveryQuery(message_id="<k>"))
+    by_member = store.deliveries(BOX, DeliveryQuery(member="a@x.org"))
+    failed = store.deliveries(BOX, DeliveryQuery(statuses=(Status.FAILED, Status.DEFERRED)))
+    assert {(r.message_key, r.member) for r in by_id} == {("k", "a@x.org"), ("k", "b@x.org")}
+    assert {r.message_key for r in by_member} == {"k", "j"}
+    assert {(r.message_key, r.status) for r in failed} == {
+        ("k", Status.FAILED),
+        ("j", Status.DEFERRED),
+    }
+
+
+def test_deliveries_carry_what_history_shows(store: StateStore) -> None:
+    deliver(store, "k", refused("b@x.org"), when=T0 + 5)
+    [row] = store.deliveries(BOX, DeliveryQuery(member="b@x.org"))
+    assert (row.mailbox, row.message_id, row.sender) == (BOX, "<k>", "sender@remote.example")
+    assert (row.status, row.code, row.reply, row.attempts) == (
+        Status.FAILED,
+        550,
+        "5.1.1 unknown",
+        1,
+    )
+    assert (row.first_try, row.updated, row.lists) == (T0 + 5, T0 + 5, LISTS)
+
+
+def test_a_list_matches_whole_list_addresses_only(store: StateStore) -> None:
+    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, LEASE)
+    other = ClaimRequest("j", None, None, ("act@example.org", "b@y.org"), (("a@x.org", "a@x.org"),))
+    store.claim(BOX, [other], "one", T0, LEASE)
+    found = store.deliveries(BOX, DeliveryQuery(list_address="contact@example.org"))
+    assert [r.message_key for r in found] == ["k"]
+    assert [
+        r.message_key for r in store.deliveries(BOX, DeliveryQuery(list_address="b@y.org"))
+    ] == ["j"]
+
+
+def test_deliveries_since_keys_mailbox_and_order(store: StateStore) -> None:
+    deliver(store, "k", ok("a@x.org"), when=T0)
+    deliver(store, "j", ok("a@x.org"), when=T0 + 10)
+    deliver(store, "i", ok("a@x.org"), when=T0 + 20)
+    store.claim("other", [request_for("k", "a@x.org")], "one", T0 + 30, LEASE)
+    since = store.deliveries(BOX, DeliveryQuery(since=T0 + 10))
+    assert [r.message_key for r in since] == ["i", "j"]  # most recent first
+    keys = store.deliveries(BOX, DeliveryQuery(message_keys=("k", "i")))
+    assert [r.message_key for r in keys] == ["i", "k"]
+    everywhere = store.deliveries(None, DeliveryQuery(message_keys=("k",)))
+    assert {r.mailbox for r in everywhere} == {BOX, "other"}
+    assert [r.message_key for r in store.deliveries(BOX, DeliveryQuery(), limit=2)] == ["i", "j"]
+
+
+def test_uid_records_are_found_by_uid_key_or_message_id(store: StateStore) -> None:
+    records = [
+        UidRecord(1, UidState.DONE, "k", "<k>"),
+        UidRecord(2, UidState.SKIPPED, None, "<s>", "unmatched"),
+        UidRecord(3, UidState.OPEN, "j", "<j>", due=T0 + 60),
+        UidRecord(4, UidState.DONE, "k", "<k>"),
+    ]
+    store.record_uids(BOX, 7, records, T0, watermark=4)
+    store.record_uids(BOX, 8, [UidRecord(1, UidState.DONE, "k", "<k>")], T0)
+    found = store.uid_records(BOX, 7, uids=[3], message_keys=["k"], message_id="<s>")
+    assert [(r.uid, r.state) for r in found] == [
+        (1, UidState.DONE),
+        (2, UidState.SKIPPED),
+        (3, UidState.OPEN),
+        (4, UidState.DONE),
+    ]
+    assert found[1].reason == "unmatched" and found[2].due == T0 + 60
+    assert {r.updated for r in found} == {T0}
+    assert store.uid_records(BOX, 7) == []
+    assert store.uid_records("other", 7, uids=[1]) == []
+
+
+def test_requeue_makes_a_failed_delivery_due_at_once_keeping_its_attempts(
+    store: StateStore,
+) -> None:
+    deliver(store, "k", ok("a@x.org"), refused("b@x.org"))
+    store.record_uids(BOX, 7, [UidRecord(1, UidState.FAILED, "k", "<k>")], T0, watermark=1)
+    done = store.requeue(BOX, 7, [("k", "b@x.org"), ("k", "a@x.org")], [], T0 + 100)
+    assert done.deliveries == (("k", "b@x.org"),)  # a@ was delivered: left alone
+    [row] = store.deliveries(BOX, DeliveryQuery(member="b@x.org"))
+    assert (row.status, row.attempts, row.next_try) == (Status.DEFERRED, 1, T0 + 100)
+    assert (row.code, row.reply) == (550, "5.1.1 unknown")  # the last reply is kept
+    [claim] = store.claim(BOX, [request_for("k", "a@x.org", "b@x.org")], "two", T0 + 100, LEASE)
+    assert claim.won == {"b@x.org"}
+    assert claim.states["b@x.org"].first_try == T0 + 100  # a new retry window
+
+
+def test_requeue_reopens_the_messages_records_of_that_folder(store: StateStore) -> None:
+    deliver(store, "k", refused("b@x.org"))
+    store.record_uids(BOX, 7, [UidRecord(1, UidState.FAILED, "k", "<k>")], T0, watermark=1)
+    store.record_uids(BOX, 6, [UidRecord(9, UidState.FAILED, "k", "<k>")], T0, watermark=9)
+    done = store.requeue(BOX, 7, [("k", "b@x.org")], [], T0 + 100)
+    assert [(r.uid, r.state) for r in done.reopened] == [(1, UidState.FAILED)]
+    assert store.open_uids(BOX, 7, T0 + 100) == [1]
+    assert store.open_uids(BOX, 6, T0 + 100) == []
+
+
+def test_requeue_reopens_a_skipped_uid_without_deliveries(store: StateStore) -> None:
+    skipped = UidRecord(2, UidState.SKIPPED, None, "<s>", "unmatched")
+    store.record_uids(BOX, 7, [skipped], T0, watermark=2)
+    done = store.requeue(BOX, 7, [], [2, 3], T0 + 100)
+    assert done.deliveries == ()
+    assert [(r.uid, r.reason) for r in done.reopened] == [(2, "unmatched")]  # 3: no record
+    [record] = store.uid_records(BOX, 7, uids=[2])
+    assert (record.state, record.reason, record.due) == (UidState.OPEN, None, None)
+
+
+def test_requeue_leaves_a_pending_delivery_alone(store: StateStore) -> None:
+    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, LEASE)
+    done = store.requeue(BOX, 7, [("k", "a@x.org")], [], T0 + 1)
+    assert done.deliveries == ()
+    [claim] = store.claim(BOX, [request_for("k", "a@x.org")], "two", T0 + 2, LEASE)
+    assert claim.won == frozenset()  # still under "one"'s claim
