@@ -21,6 +21,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from imapclient import IMAPClient
@@ -35,7 +36,9 @@ from tests.servers.common import (
     wait_for_port,
 )
 
-__all__ = ["MailServer", "mailbox", "mailserver", "tls_mailbox", "tls_mailserver"]
+__all__ = ["MailFormat", "MailServer", "mailbox", "mailserver", "tls_mailbox", "tls_mailserver"]
+
+MailFormat = Literal["maildir", "sdbox"]
 
 
 class MailServer(Server):
@@ -58,22 +61,40 @@ class MailServer(Server):
     counts a connection whose remote IP equals its local IP as secured, so on
     127.0.0.1 plaintext LOGIN is still allowed; with ``host="127.0.0.2"``
     (clients then connect from 127.0.0.1) ``ssl = required`` is enforced.
+
+    ``mail_format`` is ``"maildir"`` (``maildir`` is its directory) or ``"sdbox"``
+    (Dovecot's own one-file-per-message format, which keeps everything in its
+    index: ``mail_root``); ``imap_connections`` is Dovecot's
+    ``mail_max_userip_connections`` (1: a second session of the account is refused
+    with ``NO [LIMIT]``); ``parent`` is where its temporary directory goes
+    (``tests.servers.dovecot_bulk.FAST_DIR``, a tmpfs, for many messages).
+    ``tests.servers.dovecot_bulk.fill()`` writes many messages at once.
     """
 
     username: str = "catchall@example.org"
     password: str = "secret"
 
     def __init__(
-        self, tls: bool = False, host: str = LOOPBACK, start_timeout: float = 10.0
+        self,
+        tls: bool = False,
+        host: str = LOOPBACK,
+        start_timeout: float = 10.0,
+        *,
+        mail_format: MailFormat = "maildir",
+        imap_connections: int = 100,
+        parent: Path | None = None,
     ) -> None:
         self.host = host
         self.tls = tls
+        self.mail_format = mail_format
+        self.imap_connections = imap_connections
         self.start_timeout = start_timeout
-        self.base_dir = Path(tempfile.mkdtemp(prefix="dovecot-"))
+        self.base_dir = Path(tempfile.mkdtemp(prefix="dovecot-", dir=parent))
         self.base_dir.chmod(0o755)  # Dovecot's unprivileged processes must traverse it
         self.run_dir = self.base_dir / "run"
         self.home = self.base_dir / "mail" / "catchall"
         self.maildir = self.home / "Maildir"
+        self.mail_root = self.maildir if mail_format == "maildir" else self.home / "sdbox"
         self.config_path = self.base_dir / "dovecot.conf"
         self.log_path = self.base_dir / "dovecot.log"
         self.stderr_path = self.base_dir / "dovecot.stderr"
@@ -82,8 +103,8 @@ class MailServer(Server):
         self.imaps_port: int | None = None
         self.ca_file: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        self._uid = pwd.getpwnam("nobody").pw_uid
-        self._gid = grp.getgrnam("nogroup").gr_gid
+        self.mail_uid = pwd.getpwnam("nobody").pw_uid
+        self.mail_gid = grp.getgrnam("nogroup").gr_gid
         self._prepare_dirs()
         if tls:
             self.ca_file = self._make_certificate()
@@ -235,15 +256,15 @@ class MailServer(Server):
         """Wipe the mailbox on disk so INBOX comes back empty with a new UIDVALIDITY.
 
         Dovecot refuses to delete INBOX over IMAP, so this stops the server (if
-        running), removes everything in the maildir except Dovecot's
+        running), removes everything in ``mail_root`` except Dovecot's
         ``dovecot-uidvalidity*`` files (which make the next UIDVALIDITY larger
         than the last, even within the same second) and starts it again.
         Clients connected at that moment are disconnected.
         """
         was_running = self.running
         self.stop()
-        if self.maildir.exists():
-            for entry in self.maildir.iterdir():
+        if self.mail_root.exists():
+            for entry in self.mail_root.iterdir():
                 if entry.name.startswith("dovecot-uidvalidity"):
                     continue
                 if entry.is_dir() and not entry.is_symlink():
@@ -263,7 +284,7 @@ class MailServer(Server):
         (self.base_dir / "state").mkdir()
         (self.base_dir / "mail").mkdir(mode=0o755)
         self.home.mkdir(mode=0o700)
-        os.chown(self.home, self._uid, self._gid)
+        os.chown(self.home, self.mail_uid, self.mail_gid)
         users = self.base_dir / "users"
         users.write_text(f"{self.username}:{{PLAIN}}{self.password}\n")
         users.chmod(0o644)
@@ -295,7 +316,7 @@ class MailServer(Server):
             default_login_user = dovenull
             disable_plaintext_auth = no
             auth_mechanisms = plain login
-            mail_location = maildir:~/Maildir
+            mail_location = {self.mail_format}:{self.mail_root}
             mail_fsync = never
             # Processes killed while handshaking with stats delay shutdown by 5 s.
             stats_writer_socket_path =
@@ -305,10 +326,10 @@ class MailServer(Server):
             }}
             userdb {{
               driver = static
-              args = uid={self._uid} gid={self._gid} home={self.home} allow_all_users=yes
+              args = uid={self.mail_uid} gid={self.mail_gid} home={self.home} allow_all_users=yes
             }}
             protocol imap {{
-              mail_max_userip_connections = 100
+              mail_max_userip_connections = {self.imap_connections}
             }}
             service imap-login {{
               inet_listener imap {{
