@@ -53,7 +53,9 @@ def _open(e: ImapEndpoint, ca_file: Path | None, server: str) -> IMAPClient:
             timeout=SocketTimeout(connect=bound, read=e.timeout),
         )
     except TimeoutError:
-        tls = None if e.security == "tls" else _speaks_tls(e, bound)
+        tls = _speaks_tls(e, bound)  # None: not even TCP
+        if e.security == "tls" and tls:
+            tls = False  # TLS worked, then no greeting: nothing to do with the port's TLS
         raise imap_errors.no_greeting(server, bound, speaks_tls=tls) from None
     except imaplib.IMAP4.error as exc:  # imaplib raises with the greeting line itself
         raise imap_errors.greeting_refused(server, server_text(exc)) from None

@@ -93,8 +93,8 @@ def greeting_refused(server: str, greeting: str) -> ImapError:
 
 
 def no_greeting(server: str, seconds: float, *, speaks_tls: bool | None) -> ImapError:
-    """Connected, but no IMAP greeting in time. `speaks_tls`: what a TLS probe found
-    (True: the port wants a TLS handshake first; None: not even a TCP connection)."""
+    """No IMAP greeting in time. `speaks_tls`: what a TLS probe then found (True: a plain
+    client on a port that wants a TLS handshake first; None: not even a TCP connection)."""
     if speaks_tls:
         return ImapError(
             f"no IMAP greeting within {seconds:g} s: this port expects TLS from the first "

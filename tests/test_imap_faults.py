@@ -5,6 +5,7 @@ a provider's behaviour is needed."""
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import pytest
@@ -15,13 +16,14 @@ from forwarder.errors import (
     EXIT_RUNTIME,
     ImapAuthError,
     ImapBusyError,
+    ImapError,
 )
 from forwarder.idle import IdleWatcher
 from forwarder.imap_source import FORWARDED, QUARANTINE
 from tests.conftest import MakeSettings, forward_once, imap_source
 from tests.imap_faults import ImapFaultProxy, Refusal
 from tests.mail import build_message
-from tests.servers import MailServer, SmtpSink
+from tests.servers import LOOPBACK, MailServer, SmtpSink
 from tests.test_imap_source import make_readable, make_unreadable
 
 CONTACT = "contact@example.org"
@@ -94,6 +96,22 @@ def test_idle_watcher_retries_a_refused_login_and_idles_once_the_slot_is_free(
             watcher.stop()
     assert "idle_refused" in [e["event"] for e in events]
     assert "idle_failed" not in [e["event"] for e in events]
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls", "none"])
+def test_a_server_that_accepts_but_never_greets_is_named_not_taken_for_tls(
+    security: str, mailbox: MailServer, make_settings: MakeSettings
+) -> None:
+    with socket.socket() as silent:  # the kernel accepts; nobody ever answers
+        silent.bind((LOOPBACK, 0))
+        silent.listen(8)
+        settings = make_settings(
+            imap_port=silent.getsockname()[1], imap_security=security, imap_timeout=0.5
+        )
+        with pytest.raises(ImapError) as error:
+            imap_source(settings).connect()
+    assert "connected, but no IMAP greeting within 0.5 s" in str(error.value)
+    assert "FORWARDER_IMAP_SECURITY" not in str(error.value)
 
 
 # --------------------------------------------------------------------------- unreadable mail
