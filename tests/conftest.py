@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.servers.dovecot",
     "tests.servers.sink",
     "tests.servers.postgres",
+    "tests.servers.systemd",
     "tests.faults",
     "tests.imap_faults",
 ]

@@ -7,7 +7,6 @@ sandbox, `verify` parses the unit and checks that ExecStart= is executable.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,14 +17,11 @@ import pytest
 
 from forwarder.config import _CREDENTIAL_FILES
 from forwarder.errors import EXIT_AUTH, EXIT_CONFIG
+from tests.servers.systemd import in_ci
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "forwarder.service"
 EXEC_START = "ExecStart=/opt/forwarder/bin/forwarder run"
 MAX_EXPOSURE = 1.5  # systemd-analyze security: 0 = fully sandboxed, 10 = not at all
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @pytest.fixture

@@ -10,8 +10,13 @@
 * :mod:`tests.servers.postgres`: :class:`PostgresCluster`, a private PostgreSQL
   cluster; fixtures ``postgres_cluster`` (per session), ``postgres_db`` (a
   fresh database per test).
+* :mod:`tests.servers.systemd`: :class:`Container`, a minimal Debian booted with
+  systemd-nspawn on :mod:`tests.servers.systemd_rootfs` (a cached root file
+  system); :mod:`tests.servers.systemd_mail` runs a Dovecot and an SMTP sink
+  inside it; fixture ``systemd_rootfs``, whose tests are marked ``container``.
 
-``from tests.servers import X`` works for every class and helper.  The
+``from tests.servers import X`` works for every server class and for the
+helpers of :mod:`tests.servers.common`.  The
 fixtures are registered by listing each submodule in ``pytest_plugins``
 (``tests/conftest.py``); they are deliberately not re-exported here, so that no
 fixture is registered twice.  Everything here must run as root, as tests and
@@ -29,9 +34,12 @@ from tests.servers.common import (
 from tests.servers.dovecot import MailServer
 from tests.servers.postgres import PostgresCluster, PostgresDatabase, postgres_bin_dir
 from tests.servers.sink import Received, SinkTls, SmtpSink
+from tests.servers.systemd import Bind, Container
 
 __all__ = [
     "LOOPBACK",
+    "Bind",
+    "Container",
     "MailServer",
     "PostgresCluster",
     "PostgresDatabase",
