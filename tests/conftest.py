@@ -31,6 +31,7 @@ pytest_plugins = [
     "tests.servers.systemd",
     "tests.faults",
     "tests.imap_faults",
+    "tests.deployment",  # the project installed in a systemd container
 ]
 
 LISTS: dict[str, list[str]] = {

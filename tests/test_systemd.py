@@ -1,0 +1,151 @@
+"""deploy/: the unit under a real systemd, installed exactly as deploy/README.md says.
+
+Each test gets ``system``, a fresh container where the doc's commands ran and the
+service started at boot (tests/deployment.py); using it marks a test ``container``
+(run by ``make test-systemd``, not ``make test``). Adding a check: act with
+``system.write``/``system.systemctl``/``system.shell``, look with ``system.show``
+(``systemctl show`` properties), ``system.journal`` and :func:`members_received`,
+and wait with :func:`wait_until` on a condition, never on time. Two checks are due
+once their features land (issue 9):
+
+* reload: ``system.write(LISTS_FILE, ...)`` with a changed list, ``systemctl reload
+  forwarder`` (the unit needs ``ExecReload=``), then :func:`forward_one` to the
+  changed list, and the same ``MainPID`` as before;
+* journal priorities: provoke an error (e.g. ``systemctl stop smtp-sink``, then
+  deliver) and find it in ``system.journal(UNIT, "-p", "err")``.
+"""
+
+from __future__ import annotations
+
+from tests.deployment import ADMIN_FUNCTION, CHECKOUT, LISTS, LISTS_FILE, UNIT, doc_commands
+from tests.mail import build_message
+from tests.servers.systemd import Container, wait_until
+from tests.servers.systemd_mail import deliver, received
+
+STATE_DIR = "/var/lib/private/forwarder"  # where DynamicUser= keeps StateDirectory=forwarder
+WATCHDOG_SEC = 5  # shortened by a drop-in for the watchdog checks (the unit says 120)
+
+
+def test_doc_commands_are_the_numbered_sections_blocks() -> None:
+    markdown = (
+        "## 1. A\n```sh\na /path/to/checkout\n```\n"
+        "## Other\n```sh\nb\n```\n"
+        "## 2. C\n```sh\nc\n```\n"
+    )
+    assert doc_commands(markdown) == f"a {CHECKOUT}\nc\n"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def service_state(system: Container) -> dict[str, str]:
+    return system.show(
+        UNIT, "ActiveState", "SubState", "Result", "MainPID", "NRestarts", "ExecMainCode",
+        "ExecMainStatus",
+    )  # fmt: skip
+
+
+def members_received(system: Container) -> dict[str, int]:
+    """How many copies each address received, over every transaction so far."""
+    counts: dict[str, int] = {}
+    for transaction in received(system):
+        for rcpt in transaction.rcpt_tos:
+            counts[rcpt] = counts.get(rcpt, 0) + 1
+    return counts
+
+
+def forward_one(system: Container, list_address: str) -> bytes:
+    """Deliver a message to ``list_address``; return once every member received a copy."""
+    raw = build_message(to=list_address)
+    deliver(system, raw, list_address)
+    members = set(LISTS[list_address])
+    try:
+        wait_until(lambda: members <= set(members_received(system)), "a copy for each member")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{system.diagnosis(UNIT)}") from None
+    return raw
+
+
+def shorten_watchdog(system: Container) -> None:
+    system.write(
+        f"/etc/systemd/system/{UNIT}.service.d/watchdog.conf",
+        f"[Service]\nWatchdogSec={WATCHDOG_SEC}\n",
+    )
+    system.systemctl("daemon-reload")
+    system.systemctl("restart", UNIT)
+
+
+def owner(system: Container, path: str) -> int:
+    return int(system.run("stat", "--format=%u", path).stdout)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def test_installed_as_the_doc_says_the_service_is_active_and_running(system: Container) -> None:
+    state = service_state(system)
+    running = (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert running, system.diagnosis(UNIT)
+    assert "Active: active (running)" in system.systemctl("status", UNIT).stdout
+
+
+def test_a_message_to_a_list_reaches_each_member_once(system: Container) -> None:
+    raw = forward_one(system, "contact@example.org")
+    system.systemctl("stop", UNIT)  # nothing more can be sent: count now
+    assert members_received(system) == {"alice@example.org": 1, "bob@example.org": 1}
+    for transaction in received(system):
+        assert transaction.data.endswith(raw)
+
+
+def test_stop_ends_the_process_with_exit_status_0(system: Container) -> None:
+    system.systemctl("stop", UNIT)
+    state = service_state(system)
+    assert state["ActiveState"] == "inactive", system.diagnosis(UNIT)
+    assert (state["ExecMainCode"], state["ExecMainStatus"]) == ("1", "0"), system.diagnosis(UNIT)
+    assert state["Result"] == "success"
+
+
+def test_the_watchdog_does_not_kill_a_live_service(system: Container) -> None:
+    shorten_watchdog(system)
+    start = system.show(UNIT, "MainPID", "ExecMainStartTimestampMonotonic")
+    started = int(start["ExecMainStartTimestampMonotonic"])
+
+    def pinged_after_a_full_period() -> dict[str, str] | None:
+        state = system.show(UNIT, "WatchdogTimestampMonotonic", "MainPID", "ActiveState")
+        if state["MainPID"] != start["MainPID"] or state["ActiveState"] != "active":
+            return state  # killed or restarted: fail below
+        last_ping = int(state["WatchdogTimestampMonotonic"])
+        return state if last_ping - started > WATCHDOG_SEC * 1_000_000 else None
+
+    wait_until(pinged_after_a_full_period, "a watchdog ping a full WatchdogSec after the start")
+    state = service_state(system)
+    assert state["MainPID"] == start["MainPID"], system.diagnosis(UNIT)
+    assert (state["ActiveState"], state["NRestarts"]) == ("active", "0"), system.diagnosis(UNIT)
+
+
+def test_a_frozen_process_is_killed_by_the_watchdog(system: Container) -> None:
+    shorten_watchdog(system)
+    system.systemctl("kill", "--kill-who=main", "--signal=SIGSTOP", UNIT)
+    result = wait_until(
+        lambda: (r := system.show(UNIT, "Result")["Result"]) != "success" and r,
+        "the watchdog to end the frozen process",
+    )
+    assert result == "watchdog", system.diagnosis(UNIT)
+
+
+def test_the_admin_helper_leaves_the_state_directory_to_the_service(system: Container) -> None:
+    service_uid = int(system.run("ps", "-o", "uid=", "-p", service_state(system)["MainPID"]).stdout)
+    assert owner(system, STATE_DIR) == service_uid
+    system.shell(f". {ADMIN_FUNCTION}; forwarder_admin status")
+    assert owner(system, STATE_DIR) == service_uid, "forwarder_admin re-owned the state directory"
+    forward_one(system, "compta@example.org")  # the service still records its deliveries
+
+
+def test_a_lists_file_only_root_can_read_stops_the_service_with_status_2(system: Container) -> None:
+    system.run("chmod", "0600", LISTS_FILE)
+    system.systemctl("restart", UNIT, check=False)  # fails: the process exits before READY
+    state = service_state(system)
+    failed = (state["ActiveState"], state["ExecMainStatus"]) == ("failed", "2")
+    assert failed, system.diagnosis(UNIT)
+    error = f"FORWARDER_LISTS_FILE: cannot read {LISTS_FILE} (Permission denied)"
+    assert error in system.journal(UNIT)  # as deploy/README.md quotes it
