@@ -126,8 +126,16 @@ class Container(Server):
         nspawn is given a notify socket: it sends ``X_NSPAWN_LEADER_PID`` as soon
         as the container's PID 1 exists, and with ``--notify-ready=yes`` forwards
         the READY=1 that systemd sends when the boot transaction is complete (the
-        units enabled for multi-user.target started, or failed).
+        units enabled for multi-user.target started, or failed). A container that
+        does not boot is closed (its directory removed) before the error is raised.
         """
+        try:
+            self._boot(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _boot(self, timeout: float) -> None:
         for sub in ("upper", "work", "merged"):
             (self.workdir / sub).mkdir()
         lower = ":".join(str(layer) for layer in self.layers)
@@ -158,7 +166,6 @@ class Container(Server):
             if self._process.poll() is not None:
                 raise RuntimeError(f"the container exited while booting\n{self.console_tail()}")
             if time.monotonic() >= deadline:
-                self.stop()
                 raise RuntimeError(f"the container did not boot in time\n{self.console_tail()}")
             notify.settimeout(0.5)  # to notice nspawn exiting; not a readiness delay
             try:
