@@ -45,7 +45,12 @@ from forwarder.mailbox import (
 )
 
 PREFIX = "FORWARDER_"
-_CREDENTIAL_FILES = {"imap_password": "imap_password", "smtp_password": "smtp_password"}
+_PG_SCHEMES = ("postgresql://", "postgres://")
+_CREDENTIAL_FILES = {
+    "imap_password": "imap_password",
+    "smtp_password": "smtp_password",
+    "state_password": "state_password",
+}
 
 
 def env_name(field: str) -> str:
@@ -85,6 +90,9 @@ class Settings(BaseSettings):
     envelope_sender: str | None = None
 
     state_db: Path = Path("./forwarder-state.db")
+    state_url: SecretStr | None = None  # postgresql://user@host:port/db: shared by instances
+    state_password: SecretStr | None = None  # its password, when not in the URL or libpq's files
+    takeover_after: float = Field(default=60.0, gt=0)  # mailbox and claim leases (PostgreSQL)
     poll_interval: float = Field(default=60.0, gt=0)
     log_format: Literal["json", "console"] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -116,6 +124,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{env_name('lists_file')}: cannot read {path} ({reason})") from None
         return {**data, "lists": text}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_state_db_is_unset(cls, data: Any) -> Any:
+        """`FORWARDER_STATE_DB=` (empty: a drop-in clearing the unit's) leaves it unset."""
+        if isinstance(data, dict) and str(data.get("state_db", "x")).strip() == "":
+            return {k: v for k, v in data.items() if k != "state_db"}
+        return data
+
     @field_validator("log_format", "log_level", "imap_security", "smtp_security", mode="before")
     @classmethod
     def _lowercase(cls, value: Any) -> Any:
@@ -126,7 +142,14 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("smtp_password", mode="before")
+    @field_validator("state_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(_PG_SCHEMES):
+            raise ValueError("must be a postgresql://user@host:port/database URL")
+        return value
+
+    @field_validator("smtp_password", "state_url", "state_password", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
@@ -177,6 +200,10 @@ class Settings(BaseSettings):
         if self.envelope_sender is not None and not is_valid_address(self.envelope_sender):
             raise ValueError(
                 f"{env_name('envelope_sender')}: {self.envelope_sender!r} is not an address"
+            )
+        if self.state_url is not None and "state_db" in self.model_fields_set:
+            raise ValueError(
+                f"{env_name('state_db')} and {env_name('state_url')} are both set; keep one"
             )
         if self.state_retention <= self.retry_for:
             raise ValueError(

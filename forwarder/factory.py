@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from forwarder.config import Settings
 from forwarder.cycle import CycleOptions, Forwarder
+from forwarder.errors import ConfigError
 from forwarder.imap_source import ImapSource
 from forwarder.mailbox import Mailbox
 from forwarder.smtp_relay import SmtpPool
@@ -25,8 +26,33 @@ def owner_id() -> str:
 
 
 def open_store(settings: Settings, *, exclusive: bool = True, readonly: bool = False) -> StateStore:
-    """The configured state store. Raises StateError when it cannot be opened."""
-    return SqliteStateStore(settings.state_db, exclusive=exclusive, readonly=readonly)
+    """The configured state store: PostgreSQL when FORWARDER_STATE_URL is set (shared by
+    instances: `exclusive` does not apply), else the SQLite file. Raises StateError when
+    it cannot be opened."""
+    if settings.state_url is None:
+        return SqliteStateStore(settings.state_db, exclusive=exclusive, readonly=readonly)
+    try:
+        from forwarder.pg_store import PgStateStore
+    except ImportError:
+        raise ConfigError(
+            "FORWARDER_STATE_URL: PostgreSQL needs psycopg; install forwarder[postgres]"
+        ) from None
+    password = settings.state_password
+    return PgStateStore(
+        settings.state_url.get_secret_value(),
+        password=password.get_secret_value() if password else None,
+        ca_file=settings.tls_ca_file,
+        readonly=readonly,
+    )
+
+
+def store_label(settings: Settings) -> str:
+    """The state store as a person recognises it, without any password."""
+    if settings.state_url is None:
+        return str(settings.state_db)
+    from forwarder.pg_connect import target
+
+    return target(settings.state_url.get_secret_value()).label
 
 
 def cycle_options(settings: Settings) -> CycleOptions:
@@ -35,6 +61,7 @@ def cycle_options(settings: Settings) -> CycleOptions:
         fetch_batch_messages=settings.fetch_batch_messages,
         retry_for=settings.retry_for,
         state_retention=settings.state_retention,
+        claim_lease=settings.takeover_after,
     )
 
 

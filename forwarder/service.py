@@ -9,7 +9,7 @@ import structlog
 
 from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, ForwarderError
-from forwarder.factory import build_forwarder, open_store
+from forwarder.factory import build_forwarder, open_store, store_label
 from forwarder.mailbox import Mailbox
 from forwarder.state import StateStore
 
@@ -53,7 +53,7 @@ async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
         for mailbox in settings.mailboxes():
             status = max(status, await _check_mailbox(settings, mailbox, store, out))
         if status == EXIT_OK:
-            print(f"state store {settings.state_db}: ok", file=out)
+            print(f"state store {store_label(settings)}: ok", file=out)
         return status
     finally:
         store.close()

@@ -399,6 +399,17 @@ class SqliteStateStore:
                 [(mailbox, uidvalidity, uid) for uid in marked],
             )
 
+    # Mailbox leases ----------------------------------------------------------------
+
+    def acquire_mailboxes(
+        self, owner: str, names: Sequence[str], now: float, ttl: float
+    ) -> set[str]:
+        """Every mailbox: the file lock already makes this process the only one."""
+        return set(names)
+
+    def release_mailboxes(self, owner: str) -> None:
+        """Nothing to give back: no other process can use this file meanwhile."""
+
     # Reporting ----------------------------------------------------------------------
 
     def record_cycle(self, mailbox: str, cycle: CycleRecord) -> None:

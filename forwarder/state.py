@@ -12,6 +12,13 @@ lease, and the caller sends only what it won. `record_results` is idempotent:
 only a delivery still `pending` takes a result, so writing the same results twice
 changes nothing.
 
+Several instances also divide the mailboxes among themselves with mailbox leases
+(`acquire_mailboxes`, below): one instance works a mailbox at a time, and the
+mailboxes of an instance that died are taken over when its leases end. The
+delivery claims stay the safety net: even when two instances work one mailbox
+(a lease that ended in the middle of a cycle), each (message, member) is sent
+once, apart from the ambiguous window (a send cut off before its reply).
+
 Folder progress replaces IMAP keywords as the memory of what was examined:
 every message examined gets a `UidRecord` (done, open, skipped, quarantined ...),
 and the folder's watermark is the highest UID below which every message has one.
@@ -241,6 +248,33 @@ class StateStore(Protocol):
         complete_through: float | None = None,
         marked: Sequence[int] = (),
     ) -> None: ...
+
+    # Mailbox leases ----------------------------------------------------------------
+    def acquire_mailboxes(
+        self, owner: str, names: Sequence[str], now: float, ttl: float
+    ) -> set[str]:
+        """The mailboxes among `names` that `owner` may work now: the heartbeat of an instance.
+
+        Renews the leases `owner` holds and takes free or expired ones, up to a fair
+        share: with k live instances (those whose last call is less than `ttl` old),
+        each holds at most ceil(len(names) / k), and an instance above its share gives
+        the surplus back, so that k instances on n mailboxes settle on about n/k each
+        within two calls of each. A lease lasts `ttl` seconds (FORWARDER_TAKEOVER_AFTER)
+        from the call, judged by the backend's clock; an owner that stops calling loses
+        its mailboxes to the others' next call after that.
+
+        The caller works only the mailboxes returned; calls it at least every ttl/3
+        (independently of how long a cycle lasts); stops starting cycles on a mailbox
+        that is no longer returned (a cycle already running may finish: the claims
+        keep its deliveries single). `now` is the caller's clock, for the record only.
+        A store used by one process (SQLite) returns every name.
+        """
+        ...
+
+    def release_mailboxes(self, owner: str) -> None:
+        """A clean stop: give back every mailbox `owner` holds, so that the other instances
+        take them at their next `acquire_mailboxes` instead of after the leases end."""
+        ...
 
     # Reporting ----------------------------------------------------------------------
     def record_cycle(self, mailbox: str, cycle: CycleRecord) -> None: ...

@@ -1,7 +1,8 @@
 """`forwarder status`: what the state store says, read-only, for a human or a script.
 
-The SQLite file is opened with `mode=ro`: this command never creates, migrates or
-locks it for writing, so it is safe to run next to the daemon. Statuses are
+The SQLite file is opened with `mode=ro` (PostgreSQL in read-only transactions): this
+command never creates, migrates or locks the store for writing, so it is safe to run
+next to the daemon. Statuses are
 grouped generically, so a status added later is counted without a change here.
 """
 
@@ -14,7 +15,7 @@ from typing import Any, TextIO
 
 from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, StateError
-from forwarder.factory import open_store
+from forwarder.factory import open_store, store_label
 from forwarder.reporting import iso
 from forwarder.state import StateStore
 
@@ -173,7 +174,7 @@ async def show_status(settings: Settings, as_json: bool = False, out: TextIO = s
     try:
         store = open_store(settings, readonly=True)
         try:
-            report = read_status(store, str(settings.state_db), tuple(settings.lists))
+            report = read_status(store, store_label(settings), tuple(settings.lists))
         finally:
             store.close()
     except StateError as exc:

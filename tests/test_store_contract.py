@@ -1,16 +1,22 @@
 """The state store contract (forwarder/state.py), run against every backend.
 
 Each test uses explicit times: a store records what the caller tells it and never
-its own clock (leases aside, which a backend may judge by its own clock).
+its own clock (leases aside, which a backend may judge by its own clock). A test
+where a lease ends takes a SHORT one and calls `expire(store, SHORT)`: nothing to wait
+for on SQLite (the caller's `now` decides), a real wait of SHORT on PostgreSQL
+(the database clock decides).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from forwarder.pg_store import PgStateStore
 from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import (
     ClaimRequest,
@@ -26,17 +32,40 @@ from forwarder.state import (
 
 T0 = 1_700_000_000.0
 LEASE = 60.0
+SHORT = 0.2  # a lease that ends during the test (a real wait on PostgreSQL)
 BOX = "acme"
 LISTS = ("contact@example.org",)
 
 
-@pytest.fixture(params=["sqlite"])
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    if request.param == "postgres":
+        return PgStateStore(request.getfixturevalue("postgres_db").url)
+    return SqliteStateStore(tmp_path / "state.db")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
-    backend = SqliteStateStore(tmp_path / "state.db")
+    backend = open_backend(request, tmp_path)
     try:
         yield backend
     finally:
         backend.close()
+
+
+@pytest.fixture(params=["postgres"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """A store several instances share (a SQLite file is one process's, by its lock)."""
+    backend = open_backend(request, tmp_path)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def expire(store: StateStore, seconds: float) -> None:
+    """Let a lease of `seconds` end: real time passes only where the store's clock decides."""
+    if isinstance(store, PgStateStore):
+        time.sleep(seconds)
 
 
 def request_for(key: str, *members: str, message_id: str | None = None) -> ClaimRequest:
@@ -77,8 +106,9 @@ def test_a_live_claim_is_not_won_by_another_owner(store: StateStore) -> None:
 
 
 def test_an_expired_claim_is_won_again_as_an_interrupted_attempt(store: StateStore) -> None:
-    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, LEASE)
-    [claim] = store.claim(BOX, [request_for("k", "a@x.org")], "two", T0 + LEASE + 1, LEASE)
+    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, SHORT)
+    expire(store, SHORT)
+    [claim] = store.claim(BOX, [request_for("k", "a@x.org")], "two", T0 + SHORT + 1, LEASE)
     assert claim.won == {"a@x.org"}
     assert claim.interrupted == {"a@x.org"}
     assert claim.states["a@x.org"].attempts == 1  # the attempt cut off counts
@@ -131,10 +161,11 @@ def test_release_leaves_another_owners_claim(store: StateStore) -> None:
 
 
 def test_renew_extends_only_the_owners_claims(store: StateStore) -> None:
-    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, LEASE)
-    store.claim(BOX, [request_for("j", "a@x.org")], "two", T0, LEASE)
-    store.renew("one", T0 + LEASE - 1, LEASE)
-    after = T0 + LEASE + 1
+    store.claim(BOX, [request_for("k", "a@x.org")], "one", T0, SHORT)
+    store.claim(BOX, [request_for("j", "a@x.org")], "two", T0, SHORT)
+    store.renew("one", T0, LEASE)
+    expire(store, SHORT)
+    after = T0 + SHORT + 1
     [kept] = store.claim(BOX, [request_for("k", "a@x.org")], "three", after, LEASE)
     [lost] = store.claim(BOX, [request_for("j", "a@x.org")], "three", after, LEASE)
     assert kept.won == frozenset()
@@ -379,3 +410,105 @@ def test_requeue_leaves_a_pending_delivery_alone(store: StateStore) -> None:
     assert done.deliveries == ()
     [claim] = store.claim(BOX, [request_for("k", "a@x.org")], "two", T0 + 2, LEASE)
     assert claim.won == frozenset()  # still under "one"'s claim
+def claim_concurrently(
+    store: StateStore, requests: list[ClaimRequest], now: float
+) -> list[tuple[str, str]]:
+    """Three owners claim overlapping batches of `requests` at once; every pair won."""
+    won: list[tuple[str, str]] = []
+    start = threading.Barrier(3)
+
+    def claim_all(owner: str) -> None:
+        start.wait()
+        for first in range(0, len(requests), 7):
+            batch = requests[first : first + 14]
+            for r, c in zip(batch, store.claim(BOX, batch, owner, now, LEASE), strict=True):
+                won.extend((r.message_key, m) for m in c.won)
+
+    threads = [threading.Thread(target=claim_all, args=(f"owner-{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return won
+
+
+def test_concurrent_claims_win_each_new_delivery_once(store: StateStore) -> None:
+    members = [f"m{n}@x.org" for n in range(5)]
+    requests = [request_for(f"k{n}", *members) for n in range(60)]
+    won = claim_concurrently(store, requests, T0)
+    assert sorted(won) == sorted((r.message_key, m) for r in requests for m in members)
+
+
+def test_concurrent_claims_win_each_due_delivery_once(store: StateStore) -> None:
+    members = [f"m{n}@x.org" for n in range(5)]
+    requests = [request_for(f"k{n}", *members) for n in range(60)]
+    store.claim(BOX, requests, "zero", T0, LEASE)
+    results = [result(r.message_key, *(later(m, T0 + 1) for m in members)) for r in requests]
+    store.record_results(BOX, results, T0)
+    won = claim_concurrently(store, requests, T0 + 1)
+    assert sorted(won) == sorted((r.message_key, m) for r in requests for m in members)
+
+
+# Mailbox leases -----------------------------------------------------------------------
+
+NAMES = [f"box-{n}" for n in range(10)]
+
+
+def test_an_instance_alone_holds_every_mailbox_it_asks_for(store: StateStore) -> None:
+    assert store.acquire_mailboxes("one", NAMES, T0, LEASE) == set(NAMES)
+    assert store.acquire_mailboxes("one", NAMES[:3], T0 + 1, LEASE) <= set(NAMES[:3])
+
+
+def test_a_released_instance_holds_nothing_afterwards_until_it_asks_again(
+    store: StateStore,
+) -> None:
+    store.acquire_mailboxes("one", NAMES, T0, LEASE)
+    store.release_mailboxes("one")
+    assert store.acquire_mailboxes("two", NAMES, T0 + 1, LEASE) == set(NAMES)
+
+
+def test_two_instances_divide_the_mailboxes_evenly(shared: StateStore) -> None:
+    first = shared.acquire_mailboxes("one", NAMES, T0, LEASE)
+    joined = shared.acquire_mailboxes("two", NAMES, T0, LEASE)  # one holds all: nothing free
+    assert (len(first), joined) == (10, set())
+    one = shared.acquire_mailboxes("one", NAMES, T0 + 1, LEASE)  # gives its surplus back
+    two = shared.acquire_mailboxes("two", NAMES, T0 + 1, LEASE)
+    assert (len(one), len(two)) == (5, 5)
+    assert one | two == set(NAMES)
+
+
+def test_three_instances_hold_disjoint_fair_shares(shared: StateStore) -> None:
+    owners = ("one", "two", "three")
+    for _ in range(2):
+        held = {o: shared.acquire_mailboxes(o, NAMES, T0, LEASE) for o in owners}
+    assert sorted(len(h) for h in held.values()) == [2, 4, 4]
+    assert set().union(*held.values()) == set(NAMES)
+
+
+def test_a_live_lease_is_not_taken(shared: StateStore) -> None:
+    shared.acquire_mailboxes("one", ["box"], T0, LEASE)
+    assert shared.acquire_mailboxes("two", ["box"], T0 + 1, LEASE) == set()
+    assert shared.acquire_mailboxes("one", ["box"], T0 + 2, LEASE) == {"box"}
+
+
+def test_the_mailboxes_of_an_instance_that_stopped_calling_are_taken_over(
+    shared: StateStore,
+) -> None:
+    shared.acquire_mailboxes("dead", NAMES, T0, SHORT)
+    shared.acquire_mailboxes("alive", NAMES, T0, SHORT)
+    expire(shared, SHORT)
+    assert shared.acquire_mailboxes("alive", NAMES, T0 + 1, LEASE) == set(NAMES)
+
+
+def test_renewed_leases_outlive_the_first_ttl(shared: StateStore) -> None:
+    shared.acquire_mailboxes("one", ["box"], T0, SHORT)
+    shared.acquire_mailboxes("one", ["box"], T0, LEASE)
+    expire(shared, SHORT)
+    assert shared.acquire_mailboxes("two", ["box"], T0 + 1, LEASE) == set()
+
+
+def test_released_mailboxes_are_taken_at_once(shared: StateStore) -> None:
+    shared.acquire_mailboxes("one", NAMES, T0, LEASE)
+    shared.acquire_mailboxes("two", NAMES, T0, LEASE)
+    shared.release_mailboxes("one")
+    assert shared.acquire_mailboxes("two", NAMES, T0 + 1, LEASE) == set(NAMES)

@@ -1,0 +1,472 @@
+"""The shared state store: PostgreSQL (psycopg 3), for several instances at once.
+
+Selected by FORWARDER_STATE_URL. The contract is in `forwarder.state`; what this
+backend adds is real coordination between writers:
+
+* claims are taken with the database's own tools: new deliveries with
+  `INSERT ... ON CONFLICT DO NOTHING` (the first instance wins, the others see its
+  row), due ones with `SELECT ... FOR UPDATE SKIP LOCKED` (an instance never waits
+  for another's claim, it moves on);
+* leases (delivery claims and mailbox leases) end by the database clock
+  (`clock_timestamp()`), so instances whose clocks differ agree; every other time
+  is the caller's `now`;
+* the schema is created and migrated by the forwarder (`pg_schema`).
+
+Every call is one transaction on a pooled connection; store calls come from
+threads (`asyncio.to_thread`). A lost connection is a StateError naming the server
+(never the password); the next call connects again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from forwarder import pg_leases, pg_ops, pg_schema
+from forwarder.errors import StateError
+from forwarder.pg_connect import Connection, Pool, target, text
+from forwarder.pg_report import read_report
+from forwarder.state import (
+    Claim,
+    ClaimRequest,
+    CycleRecord,
+    DeliveryQuery,
+    DeliveryRow,
+    FolderState,
+    MemberState,
+    MessageResult,
+    Requeued,
+    Status,
+    StoreReport,
+    UidRecord,
+    UidState,
+)
+
+CYCLES_KEPT = 1000  # cycle records kept per mailbox
+_LEASE = "clock_timestamp() + %(lease)s * interval '1 second'"
+_PAIRS = "unnest(%(keys)s::text[], %(members)s::text[]) AS r(k, m)"
+_INSERT_NEW = f"""
+INSERT INTO forwarder.deliveries AS d (mailbox, message_key, member, address, status, attempts,
+    first_try, updated, lists, message_id, sender, claim_owner, claim_until)
+SELECT %(mailbox)s, r.k, r.m, r.a, 'pending', 0, %(now)s, %(now)s, r.l, r.i, r.s, %(owner)s,
+    {_LEASE}
+FROM unnest(%(keys)s::text[], %(members)s::text[], %(addresses)s::text[], %(lists)s::text[],
+    %(ids)s::text[], %(senders)s::text[]) WITH ORDINALITY AS r(k, m, a, l, i, s, n)
+ORDER BY r.n
+ON CONFLICT DO NOTHING
+RETURNING d.message_key, d.member, 'new'
+"""
+# Deferred and due, or pending under an expired claim: locked, or skipped if another
+# instance is claiming them right now.
+_TAKE_DUE = f"""
+WITH due AS (
+    SELECT d.message_key, d.member, d.status AS was FROM forwarder.deliveries d
+    JOIN {_PAIRS} ON d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+    WHERE (d.status = 'deferred' AND coalesce(d.next_try, 0) <= %(now)s)
+       OR (d.status = 'pending' AND coalesce(d.claim_until, '-infinity') < clock_timestamp())
+    ORDER BY d.message_key, d.member
+    FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE forwarder.deliveries d SET status = 'pending', updated = %(now)s,
+    attempts = d.attempts + (due.was = 'pending')::int, claim_owner = %(owner)s,
+    claim_until = {_LEASE}
+FROM due WHERE d.mailbox = %(mailbox)s AND d.message_key = due.message_key
+    AND d.member = due.member
+RETURNING d.message_key, d.member, due.was
+"""
+_STATES = f"""
+SELECT d.message_key, d.member, d.status, d.attempts, d.first_try, d.next_try
+FROM forwarder.deliveries d
+JOIN {_PAIRS} ON d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+"""
+_RESULTS = """
+UPDATE forwarder.deliveries d SET status = r.status, code = r.code, reply = r.reply,
+    attempts = d.attempts + 1, next_try = r.next_try, updated = %(now)s,
+    claim_owner = NULL, claim_until = NULL
+FROM unnest(%(keys)s::text[], %(members)s::text[], %(statuses)s::text[], %(codes)s::int[],
+    %(replies)s::text[], %(next_tries)s::float8[]) AS r(k, m, status, code, reply, next_try)
+WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+    AND d.status = 'pending'
+"""
+_UIDS = """
+INSERT INTO forwarder.uids AS u (mailbox, uidvalidity, uid, state, message_key, message_id,
+    reason, due, updated, marked)
+SELECT %(mailbox)s, %(uidvalidity)s, r.uid, r.state, r.k, r.i, r.reason, r.due, %(now)s, false
+FROM unnest(%(uids)s::bigint[], %(states)s::text[], %(keys)s::text[], %(ids)s::text[],
+    %(reasons)s::text[], %(dues)s::float8[]) AS r(uid, state, k, i, reason, due)
+ON CONFLICT (mailbox, uidvalidity, uid) DO UPDATE SET state = excluded.state,
+    message_key = excluded.message_key, message_id = excluded.message_id,
+    reason = excluded.reason, due = excluded.due, updated = excluded.updated, marked = false
+"""
+
+
+class PgStateStore:
+    """PostgreSQL state store. Thread-safe: each call takes a pooled connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        ca_file: Path | None = None,
+        readonly: bool = False,
+        connections: int = 4,
+    ) -> None:
+        self.target = target(url, password, ca_file)
+        self.label = self.target.label
+        self.readonly = readonly
+        self._pool = Pool(self.target, connections, self._setup)
+        try:
+            if readonly:
+                self._pool.run("reading the schema version", self._check_version)
+            else:
+                self._pool.run("creating or upgrading the schema", self._migrate)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"PgStateStore({self.label!r})"
+
+    def _setup(self, conn: Connection) -> None:
+        if self.readonly:  # `forwarder status`: nothing it does can write
+            conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+
+    def _migrate(self, conn: Connection) -> None:
+        try:
+            pg_schema.migrate(conn)
+        except pg_schema.SchemaError as exc:
+            raise StateError(str(exc), server=f"state store {self.label}") from None
+
+    def _check_version(self, conn: Connection) -> None:
+        found = pg_schema.version(conn)
+        if found == 0:
+            raise StateError(
+                "holds no forwarder state yet",
+                server=f"state store {self.label}",
+                advice="start the service (or `forwarder once`) once to create it",
+            )
+        if found != pg_schema.VERSION:
+            raise StateError(
+                f"has schema version {found}, this forwarder reads version {pg_schema.VERSION}",
+                server=f"state store {self.label}",
+                advice="run the same forwarder version as the service",
+            )
+
+    # Deliveries -------------------------------------------------------------------
+
+    def claim(
+        self,
+        mailbox: str,
+        requests: Sequence[ClaimRequest],
+        owner: str,
+        now: float,
+        lease: float,
+    ) -> list[Claim]:
+        # Each (message, member) once, in key order: two instances claiming overlapping
+        # sets take their row locks in the same order.
+        pairs: dict[tuple[str, str], tuple[str, ClaimRequest]] = {}
+        for request in requests:
+            for member, address in request.members:
+                pairs.setdefault((request.message_key, member), (address, request))
+        ordered = sorted(pairs)
+        keys = [text(k) for k, _ in ordered]
+        members = [text(m) for _, m in ordered]
+        params: dict[str, Any] = {
+            "mailbox": mailbox,
+            "now": now,
+            "owner": owner,
+            "lease": lease,
+            "keys": keys,
+            "members": members,
+        }
+
+        def body(conn: Connection) -> tuple[dict[tuple[str, str], str], dict[Any, MemberState]]:
+            insert = {
+                **params,
+                "addresses": [text(pairs[p][0]) for p in ordered],
+                "lists": [text(",".join(pairs[p][1].lists)) for p in ordered],
+                "ids": [text(pairs[p][1].message_id) for p in ordered],
+                "senders": [text(pairs[p][1].sender) for p in ordered],
+            }
+            won = {(k, m): was for k, m, was in conn.execute(_INSERT_NEW, insert).fetchall()}
+            won.update({(k, m): was for k, m, was in conn.execute(_TAKE_DUE, params).fetchall()})
+            states = {
+                (k, m): MemberState(Status(status), attempts, first_try, next_try)
+                for k, m, status, attempts, first_try, next_try in conn.execute(
+                    _STATES, params
+                ).fetchall()
+            }
+            return won, states
+
+        won, states = self._pool.run("claiming deliveries", body) if ordered else ({}, {})
+        claims: list[Claim] = []
+        given: set[tuple[str, str]] = set()
+        for request in requests:
+            mine: dict[str, MemberState] = {}
+            taken: set[str] = set()
+            interrupted: set[str] = set()
+            for member, _ in request.members:
+                pair = (text(request.message_key), text(member))
+                state = states.get(pair)
+                if state is None:
+                    continue  # forgotten (pruned) meanwhile: due again at the next cycle
+                if pair in won and pair not in given:
+                    given.add(pair)
+                    taken.add(member)
+                    if won[pair] == Status.PENDING:
+                        interrupted.add(member)
+                        state = MemberState(state.status, state.attempts, state.first_try, None)
+                mine[member] = state
+            claims.append(Claim(mine, frozenset(taken), frozenset(interrupted)))
+        return claims
+
+    def renew(self, owner: str, now: float, lease: float) -> None:
+        self._pool.run(
+            "renewing claims",
+            lambda conn: conn.execute(
+                f"UPDATE forwarder.deliveries SET claim_until = {_LEASE} "
+                "WHERE status = 'pending' AND claim_owner = %(owner)s",
+                {"owner": owner, "lease": lease},
+            ),
+        )
+
+    def release(self, mailbox: str, keys: Sequence[tuple[str, str]], owner: str) -> None:
+        """Give back claims never used: the deliveries are due again at once."""
+        if not keys:
+            return
+        ordered = sorted({(text(k), text(m)) for k, m in keys})
+        self._pool.run(
+            "releasing claims",
+            lambda conn: conn.execute(
+                "UPDATE forwarder.deliveries d SET status = 'deferred', next_try = NULL, "
+                f"claim_owner = NULL, claim_until = NULL FROM {_PAIRS} "
+                "WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m "
+                "AND d.status = 'pending' AND d.claim_owner = %(owner)s",
+                {
+                    "mailbox": mailbox,
+                    "owner": owner,
+                    "keys": [k for k, _ in ordered],
+                    "members": [m for _, m in ordered],
+                },
+            ),
+        )
+
+    def record_results(self, mailbox: str, results: Sequence[MessageResult], now: float) -> None:
+        """The servers' replies, in one transaction (a group commit). Idempotent: only a
+        delivery still pending takes a result (the first one given for it here)."""
+        rows: dict[tuple[str, str], tuple[str, int | None, str, float | None]] = {}
+        for r in results:
+            for d in r.deliveries:
+                rows.setdefault(
+                    (text(r.message_key), text(d.member)),
+                    (d.status.value, d.code, text(d.reply[:1000]), d.next_try),
+                )
+        if not rows:
+            return
+        ordered = sorted(rows)
+        params = {
+            "mailbox": mailbox,
+            "now": now,
+            "keys": [k for k, _ in ordered],
+            "members": [m for _, m in ordered],
+            "statuses": [rows[p][0] for p in ordered],
+            "codes": [rows[p][1] for p in ordered],
+            "replies": [rows[p][2] for p in ordered],
+            "next_tries": [rows[p][3] for p in ordered],
+        }
+        self._pool.run("recording results", lambda conn: conn.execute(_RESULTS, params))
+
+    # Folder progress --------------------------------------------------------------
+
+    def _folder(self, query: str, args: dict[str, Any]) -> FolderState | None:
+        row = self._pool.run("reading folder progress", lambda c: c.execute(query, args).fetchone())
+        return FolderState(*row) if row else None
+
+    def folder(self, mailbox: str, uidvalidity: int) -> FolderState | None:
+        return self._folder(
+            "SELECT uidvalidity, watermark, complete_through FROM forwarder.folders "
+            "WHERE mailbox = %(mailbox)s AND uidvalidity = %(uidvalidity)s",
+            {"mailbox": mailbox, "uidvalidity": uidvalidity},
+        )
+
+    def last_folder(self, mailbox: str) -> FolderState | None:
+        return self._folder(
+            "SELECT uidvalidity, watermark, complete_through FROM forwarder.folders "
+            "WHERE mailbox = %(mailbox)s ORDER BY updated DESC LIMIT 1",
+            {"mailbox": mailbox},
+        )
+
+    def open_uids(self, mailbox: str, uidvalidity: int, now: float) -> list[int]:
+        rows = self._pool.run(
+            "reading open messages",
+            lambda c: c.execute(
+                "SELECT uid FROM forwarder.uids WHERE mailbox = %s AND uidvalidity = %s "
+                "AND state = 'open' AND (due IS NULL OR due <= %s) ORDER BY uid",
+                (mailbox, uidvalidity, now),
+            ).fetchall(),
+        )
+        return [uid for (uid,) in rows]
+
+    def unmarked_uids(self, mailbox: str, uidvalidity: int) -> list[UidRecord]:
+        """Final messages whose keywords were never confirmed set."""
+        rows = self._pool.run(
+            "reading unmarked messages",
+            lambda c: c.execute(
+                "SELECT uid, state FROM forwarder.uids WHERE mailbox = %s AND uidvalidity = %s "
+                "AND NOT marked AND state IN ('done', 'failed', 'quarantined') ORDER BY uid",
+                (mailbox, uidvalidity),
+            ).fetchall(),
+        )
+        return [UidRecord(uid, UidState(state)) for uid, state in rows]
+
+    def record_uids(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        records: Sequence[UidRecord],
+        now: float,
+        *,
+        watermark: int | None = None,
+        complete_through: float | None = None,
+        marked: Sequence[int] = (),
+    ) -> None:
+        latest = {r.uid: r for r in records}  # a later record of one UID replaces an earlier
+        rs = [latest[uid] for uid in sorted(latest)]
+        args: dict[str, Any] = {
+            "mailbox": mailbox,
+            "uidvalidity": uidvalidity,
+            "now": now,
+            "watermark": watermark,
+            "complete_through": complete_through,
+            "marked": sorted(set(marked)),
+            "uids": [r.uid for r in rs],
+            "states": [r.state.value for r in rs],
+            "keys": [text(r.message_key) for r in rs],
+            "ids": [text(r.message_id) for r in rs],
+            "reasons": [text(r.reason) for r in rs],
+            "dues": [r.due for r in rs],
+        }
+
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO forwarder.folders (mailbox, uidvalidity, watermark, "
+                "complete_through, created, updated) VALUES (%(mailbox)s, %(uidvalidity)s, "
+                "coalesce(%(watermark)s, 0), %(complete_through)s, %(now)s, %(now)s) "
+                "ON CONFLICT (mailbox, uidvalidity) DO UPDATE SET updated = excluded.updated, "
+                "watermark = greatest(folders.watermark, excluded.watermark), "
+                "complete_through = coalesce(excluded.complete_through, "
+                "folders.complete_through)",
+                args,
+            )
+            if rs:
+                conn.execute(_UIDS, args)
+            if marked:
+                conn.execute(
+                    "UPDATE forwarder.uids SET marked = true WHERE mailbox = %(mailbox)s "
+                    "AND uidvalidity = %(uidvalidity)s AND uid = ANY(%(marked)s::bigint[])",
+                    args,
+                )
+
+        self._pool.run("recording messages", body)
+
+    # Mailbox leases -----------------------------------------------------------------
+
+    def acquire_mailboxes(
+        self, owner: str, names: Sequence[str], now: float, ttl: float
+    ) -> set[str]:
+        return self._pool.run(
+            "taking mailbox leases",
+            lambda conn: pg_leases.acquire(conn, owner, sorted(set(names)), now, ttl),
+        )
+
+    def release_mailboxes(self, owner: str) -> None:
+        self._pool.run("giving mailbox leases back", lambda c: pg_leases.release(c, owner))
+
+    # Reporting ----------------------------------------------------------------------
+
+    def record_cycle(self, mailbox: str, cycle: CycleRecord) -> None:
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO forwarder.cycles (mailbox, started, finished, outcome, messages, "
+                "forwarded, delivered, deferred, failed, skipped, quarantined, error) "
+                "VALUES (%(mailbox)s, %(started)s, %(finished)s, %(outcome)s, %(messages)s, "
+                "%(forwarded)s, %(delivered)s, %(deferred)s, %(failed)s, %(skipped)s, "
+                "%(quarantined)s, %(error)s)",
+                {
+                    **asdict(cycle),
+                    "mailbox": mailbox,
+                    "outcome": text(cycle.outcome),
+                    "error": text(cycle.error),
+                },
+            )
+            conn.execute(
+                "DELETE FROM forwarder.cycles WHERE mailbox = %(m)s AND id <= "
+                "(SELECT max(id) - %(kept)s FROM forwarder.cycles WHERE mailbox = %(m)s)",
+                {"m": mailbox, "kept": CYCLES_KEPT},
+            )
+
+        self._pool.run("recording the cycle", body)
+
+    def prune(self, before: float) -> int:
+        """Forget deliveries and message records last touched before `before` (open ones and
+        live claims excepted). The folder watermark keeps old messages from being re-read."""
+
+        def body(conn: Connection) -> int:
+            count = conn.execute(
+                "DELETE FROM forwarder.deliveries WHERE updated < %s AND status <> 'pending'",
+                (before,),
+            ).rowcount
+            conn.execute(
+                "DELETE FROM forwarder.uids WHERE updated < %s AND state NOT IN (%s, %s)",
+                (before, UidState.OPEN.value, UidState.QUARANTINED.value),
+            )
+            return count
+
+        return self._pool.run("pruning old records", body)
+
+    def report(self, mailbox: str | None, failed_limit: int) -> StoreReport:
+        return self._pool.run(
+            "reading the status", lambda conn: read_report(conn, mailbox, failed_limit)
+        )
+
+    # Operator commands (forwarder.pg_ops) -----------------------------------------------
+
+    def deliveries(
+        self, mailbox: str | None, query: DeliveryQuery, limit: int | None = None
+    ) -> list[DeliveryRow]:
+        return self._pool.run(
+            "reading deliveries", lambda c: pg_ops.deliveries(c, mailbox, query, limit)
+        )
+
+    def uid_records(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        *,
+        uids: Sequence[int] = (),
+        message_keys: Sequence[str] = (),
+        message_id: str | None = None,
+    ) -> list[UidRecord]:
+        return self._pool.run(
+            "reading message records",
+            lambda c: pg_ops.uid_records(c, mailbox, uidvalidity, uids, message_keys, message_id),
+        )
+
+    def requeue(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        deliveries: Sequence[tuple[str, str]],
+        uids: Sequence[int],
+        now: float,
+    ) -> Requeued:
+        return self._pool.run(
+            "putting deliveries back in play",
+            lambda c: pg_ops.requeue(c, mailbox, uidvalidity, deliveries, uids, now),
+        )
+
+    def close(self) -> None:
+        self._pool.close()
