@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from forwarder import __version__
+from forwarder.command_options import OPTIONS
 from forwarder.config import load_settings
 from forwarder.errors import ConfigError
 from forwarder.logs import configure_logging
@@ -28,6 +29,10 @@ COMMANDS = {
     "status": (
         "forwarder.status:show_status",
         "print the last cycle, deferred and failed deliveries (read-only)",
+    ),
+    "explain": (
+        "forwarder.dry_run:explain",
+        "route one message file against the lists: who would receive it and why",
     ),
 }
 
@@ -52,8 +57,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         subparser = sub.add_parser(name, help=help_text, description=help_text)
         if name == "status":
             subparser.add_argument(
-                "--json", action="store_true", help="one JSON object, for scripts"
+                "--json", dest="as_json", action="store_true", help="one JSON object, for scripts"
             )
+        if name in OPTIONS:
+            OPTIONS[name](subparser)
     return parser.parse_args(argv)
 
 
@@ -66,9 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_status
     configure_logging(settings.log_format, settings.log_level)
     command = _command(args.command)
-    if args.command == "status":
-        return asyncio.run(command(settings, as_json=args.json))
-    return asyncio.run(command(settings))
+    options = {k: v for k, v in vars(args).items() if k != "command"}
+    return asyncio.run(command(settings, **options))
 
 
 if __name__ == "__main__":

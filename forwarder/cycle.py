@@ -13,7 +13,6 @@ transactions in flight and shared commits, never from skipping a step.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -21,11 +20,9 @@ from typing import Any, TypeVar
 
 import structlog
 
-from forwarder.addresses import addresses_in
 from forwarder.committer import GroupCommitter
 from forwarder.dispatch import Dispatcher
 from forwarder.errors import ForwarderError, ImapError, UnreadableMessage
-from forwarder.headers import message_id, message_key, parse_headers, split_message
 from forwarder.imap_source import (
     FORWARD_FAILED,
     FORWARDED,
@@ -35,18 +32,13 @@ from forwarder.imap_source import (
     ImapSource,
 )
 from forwarder.mailbox import Mailbox
-from forwarder.plan import Message, fetch_batches, outcome
+from forwarder.plan import Message, fetch_batches, outcome, prepare, seen_before
 from forwarder.reporting import CycleSummary, Reporter
-from forwarder.routing import route
 from forwarder.smtp_relay import SmtpPool
 from forwarder.state import FolderState, StateStore, UidRecord, UidState
 
 log = structlog.get_logger("forwarder.cycle")
-_BARE_CR = re.compile(rb"\r(?!\n)")
 T = TypeVar("T")
-# After a UIDVALIDITY change, messages received this long before the last complete cycle
-# of the old folder were seen by it: they are not sent again (clock skew margin).
-UIDVALIDITY_MARGIN = 3600.0
 COMPLETE_EVERY = 600.0  # complete_through may lag this much: only fewer messages count as seen
 
 
@@ -233,7 +225,7 @@ class Forwarder:
         for uid, raw in items:
             summary.messages += 1
             try:
-                message = self._prepare(uid, raw)
+                message = prepare(uid, raw, self.lists)
             except Exception as exc:  # hostile input never stops the cycle
                 records[uid] = self._quarantine(uid, len(raw), exc, summary)
                 continue
@@ -277,21 +269,6 @@ class Forwarder:
             )
         await self._mark(records.values())
 
-    def _prepare(self, uid: int, raw: bytes) -> Message:
-        if not raw or raw.isspace():
-            raise ValueError("empty message")
-        header_block, body = split_message(raw)
-        if _BARE_CR.search(header_block):
-            # SMTP carries only CRLF lines: the CR would become a line break and split one
-            # header field in two at the members' servers (header smuggling).
-            raise ValueError("bare CR in the header block: it cannot be sent unchanged")
-        headers = parse_headers(header_block)
-        decision = route(headers, self.lists)
-        key = message_key(header_block, headers, body) if decision.skip is None else ""
-        senders = addresses_in(headers.get_all("from"))
-        sender = senders[0] if senders else None
-        return Message(uid, raw, message_id(headers), decision, key, sender)
-
     def _quarantine(
         self, uid: int, size: int | None, exc: Exception, summary: CycleSummary
     ) -> UidRecord:
@@ -329,12 +306,8 @@ class Forwarder:
         records = [UidRecord(u, UidState.OPEN) for u in todo]
         if previous is not None and previous.complete_through is not None and todo:
             info = await self._imap(self.source.message_info, todo)
-            seen_before = previous.complete_through - UIDVALIDITY_MARGIN
-            old = {
-                u
-                for u, i in info.found.items()
-                if i.internaldate is not None and i.internaldate.timestamp() < seen_before
-            }
+            received = {u: i.internaldate for u, i in info.found.items()}
+            old = seen_before(received, previous.complete_through)
             records = [
                 UidRecord(u, UidState.BASELINE, reason="seen before the UIDVALIDITY change")
                 if u in old

@@ -100,6 +100,9 @@ class ImapSource:
         self.permanent_flags: frozenset[bytes] = frozenset()
         self.keywords_refused: str | None = None  # the server's answer to a keyword STORE
         self.capabilities: frozenset[bytes] = frozenset()
+        # EXAMINE instead of SELECT (the dry run): nothing in the folder changes, not even
+        # \Recent; PERMANENTFLAGS is then empty, so `keywords` is False.
+        self.readonly = False
 
     @property
     def mailbox_id(self) -> str:
@@ -141,7 +144,7 @@ class ImapSource:
         assert self.client is not None
         folder = self.endpoint.folder
         try:
-            info = self.client.select_folder(folder)
+            info = self.client.select_folder(folder, readonly=self.readonly)
         except IMAPClientError as exc:
             raise ImapError(
                 f"cannot select folder {folder!r} ({server_text(exc)})",

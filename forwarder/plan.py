@@ -1,16 +1,25 @@
-"""Planning a batch: what to claim, what became of each message, how to batch the
-fetches. Pure: no I/O.
+"""Planning a batch: each fetched message parsed and routed, what to claim, what became
+of each message, how to batch the fetches. Pure: no I/O. The cycle and the operator
+commands (dry run, explain) share it.
 """
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from forwarder.addresses import normalize
-from forwarder.routing import Route
+from forwarder.addresses import addresses_in, normalize
+from forwarder.headers import message_id, message_key, parse_headers, split_message
+from forwarder.routing import Route, route
 from forwarder.state import ClaimRequest, MemberState, Status, UidRecord, UidState
+
+_BARE_CR = re.compile(rb"\r(?!\n)")
+# After a UIDVALIDITY change, messages received this long before the last complete cycle
+# of the old folder were seen by it: they are not sent again (clock skew margin).
+UIDVALIDITY_MARGIN = 3600.0
 
 
 @dataclass
@@ -27,6 +36,31 @@ class Message:
     sent: int = 0
     interrupted: int = 0
     delivered_to: list[str] = field(default_factory=list)  # members accepted in this cycle
+
+
+def prepare(uid: int, raw: bytes, lists: Mapping[str, tuple[str, ...]]) -> Message:
+    """Parse and route one message as fetched. Raises (ValueError, or anything the
+    parsing of hostile input raises) when it cannot be sent unchanged: quarantined."""
+    if not raw or raw.isspace():
+        raise ValueError("empty message")
+    header_block, body = split_message(raw)
+    if _BARE_CR.search(header_block):
+        # SMTP carries only CRLF lines: the CR would become a line break and split one
+        # header field in two at the members' servers (header smuggling).
+        raise ValueError("bare CR in the header block: it cannot be sent unchanged")
+    headers = parse_headers(header_block)
+    decision = route(headers, lists)
+    key = message_key(header_block, headers, body) if decision.skip is None else ""
+    senders = addresses_in(headers.get_all("from"))
+    sender = senders[0] if senders else None
+    return Message(uid, raw, message_id(headers), decision, key, sender)
+
+
+def seen_before(received: Mapping[int, datetime | None], complete_through: float) -> set[int]:
+    """After a UIDVALIDITY change: the messages (UID -> INTERNALDATE) that the old folder's
+    last complete cycle had already seen, so not to be sent again."""
+    limit = complete_through - UIDVALIDITY_MARGIN
+    return {u for u, when in received.items() if when is not None and when.timestamp() < limit}
 
 
 def claim_request(copies: Sequence[Message]) -> ClaimRequest:

@@ -15,6 +15,13 @@ MAX_RECEIVED = 50
 ENVELOPE_HEADERS = ("delivered-to", "x-original-to", "envelope-to", "x-envelope-to")
 
 
+class Left(StrEnum):
+    """Why a member of a matched list does not receive the message."""
+
+    SENDER = "sender"  # the member wrote it (From:)
+    TO_CC = "to/cc"  # named in To: or Cc:: received the original directly
+
+
 class Skip(StrEnum):
     """Why a message is not forwarded."""
 
@@ -29,9 +36,10 @@ class Route:
     recipients: tuple[str, ...] = ()  # member addresses, as configured
     matched_by: str = ""  # the header that named the lists
     skip: Skip | None = None
+    left_out: tuple[tuple[str, Left], ...] = ()  # (member as configured, why), each once
 
 
-def _envelope_sources(headers: Headers) -> list[tuple[str, list[str]]]:
+def envelope_sources(headers: Headers) -> list[tuple[str, list[str]]]:
     """The envelope headers an MTA wrote at final delivery, in order of trust.
 
     Only the topmost occurrence of each counts, and only above the second
@@ -56,8 +64,15 @@ def _envelope_sources(headers: Headers) -> list[tuple[str, list[str]]]:
     return sources
 
 
+def sources(headers: Headers) -> list[tuple[str, list[str]]]:
+    """Every source routing looks at, in order, with the addresses it names (normalised):
+    the envelope headers (`envelope_sources`), then To/Cc (`to/cc`)."""
+    visible = addresses_in(headers.get_all("to") + headers.get_all("cc"))
+    return [*envelope_sources(headers), ("to/cc", visible)]
+
+
 def _matched_lists(headers: Headers, lists: Mapping[str, object]) -> tuple[tuple[str, ...], str]:
-    for name, addresses in _envelope_sources(headers):
+    for name, addresses in envelope_sources(headers):
         matched = tuple(dict.fromkeys(a for a in addresses if a in lists))
         if matched:
             return matched, name
@@ -82,12 +97,22 @@ def route(headers: Headers, lists: Mapping[str, tuple[str, ...]]) -> Route:
     if not matched:
         return Route(skip=Skip.UNMATCHED)
 
-    already = set(addresses_in(headers.get_all("to") + headers.get_all("cc")))
-    already.update(addresses_in(headers.get_all("from")))
+    senders = set(addresses_in(headers.get_all("from")))
+    visible = set(addresses_in(headers.get_all("to") + headers.get_all("cc")))
     recipients: dict[str, str] = {}
+    left_out: dict[str, tuple[str, Left]] = {}
     for list_address in matched:
         for member in lists[list_address]:
             key = normalize(member)
-            if key not in already:
+            if key in senders:
+                left_out.setdefault(key, (member, Left.SENDER))
+            elif key in visible:
+                left_out.setdefault(key, (member, Left.TO_CC))
+            else:
                 recipients.setdefault(key, member)
-    return Route(lists=matched, recipients=tuple(recipients.values()), matched_by=matched_by)
+    return Route(
+        lists=matched,
+        recipients=tuple(recipients.values()),
+        matched_by=matched_by,
+        left_out=tuple(left_out.values()),
+    )

@@ -1,14 +1,17 @@
-"""The one-shot commands: `once` (one poll cycle) and `check` (configuration and logins)."""
+"""The one-shot commands: `once` (one poll cycle, or a dry run) and `check`
+(configuration and logins: IMAP and SMTP each tried and reported on its own)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import TextIO
 
 import structlog
 
 from forwarder.config import Settings
-from forwarder.errors import EXIT_OK, ForwarderError
+from forwarder.cycle import Forwarder
+from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import build_forwarder, open_store, store_label
 from forwarder.mailbox import Mailbox
 from forwarder.state import StateStore
@@ -23,15 +26,37 @@ def report(exc: ForwarderError, event: str) -> int:
     return exc.exit_status
 
 
-async def run_once(settings: Settings) -> int:
+def select_mailboxes(settings: Settings, name: str | None) -> tuple[Mailbox, ...]:
+    """The configured mailboxes, or the one named (ConfigError if there is none)."""
+    boxes = settings.mailboxes()
+    if name is None:
+        return boxes
+    chosen = tuple(m for m in boxes if m.name == name)
+    if not chosen:
+        known = ", ".join(m.name for m in boxes)
+        raise ConfigError(f"--mailbox {name}: no such mailbox (configured: {known})")
+    return chosen
+
+
+async def run_once(
+    settings: Settings, *, dry_run: bool = False, as_json: bool = False, mailbox: str | None = None
+) -> int:
+    """One cycle of every mailbox; with `dry_run`, what it would do (`forwarder.dry_run`)."""
+    if dry_run:
+        from forwarder.dry_run import dry_run as preview  # imports this module
+
+        return await preview(settings, as_json=as_json, mailbox=mailbox)
+    if as_json:
+        return report(ConfigError("--json goes with --dry-run only"), "once_failed")
     try:
+        boxes = select_mailboxes(settings, mailbox)
         store = open_store(settings)
     except ForwarderError as exc:
         return report(exc, "state_store_error")
     try:
         status = EXIT_OK
-        for mailbox in settings.mailboxes():
-            forwarder = build_forwarder(settings, mailbox, store)
+        for box in boxes:
+            forwarder = build_forwarder(settings, box, store)
             try:
                 await forwarder.run_cycle()
             except ForwarderError as exc:
@@ -69,23 +94,38 @@ async def _check_mailbox(
     print(f"envelope sender: {mailbox.envelope_sender}", file=out)
     forwarder = build_forwarder(settings, mailbox, store)
     try:
-        await forwarder.connect()
-        caps = forwarder.source.describe_capabilities()
-        print(
-            f"{forwarder.source.server}: login ok, folder {mailbox.imap.folder!r} selected, "
-            f"keywords {'yes' if caps['keywords'] else 'no'}, "
-            f"IDLE {'yes' if caps['idle'] else 'no'}, "
-            f"MOVE {'yes' if caps['move'] else 'no'}",
-            file=out,
-        )
-        smtp = forwarder.smtp.describe_capabilities()
-        print(
-            f"{forwarder.smtp.server}: {'login' if mailbox.smtp.username else 'connection'} "
-            f"ok, size limit {smtp.get('size_limit') or 'none'}",
-            file=out,
-        )
-        return EXIT_OK
-    except ForwarderError as exc:
-        return report(exc, "check_failed")
+        imap = await _check_imap(forwarder, mailbox, out)
+        smtp = await _check_smtp(forwarder, mailbox, out)
+        return max(imap, smtp)
     finally:
         await forwarder.close()
+
+
+async def _check_imap(forwarder: Forwarder, mailbox: Mailbox, out: TextIO) -> int:
+    try:
+        await asyncio.to_thread(forwarder.source.connect)
+    except ForwarderError as exc:
+        return report(exc, "check_failed")
+    caps = forwarder.source.describe_capabilities()
+    print(
+        f"{forwarder.source.server}: login ok, folder {mailbox.imap.folder!r} selected, "
+        f"keywords {'yes' if caps['keywords'] else 'no'}, "
+        f"IDLE {'yes' if caps['idle'] else 'no'}, "
+        f"MOVE {'yes' if caps['move'] else 'no'}",
+        file=out,
+    )
+    return EXIT_OK
+
+
+async def _check_smtp(forwarder: Forwarder, mailbox: Mailbox, out: TextIO) -> int:
+    try:
+        await forwarder.smtp.connect()
+    except ForwarderError as exc:
+        return report(exc, "check_failed")
+    smtp = forwarder.smtp.describe_capabilities()
+    print(
+        f"{forwarder.smtp.server}: {'login' if mailbox.smtp.username else 'connection'} "
+        f"ok, size limit {smtp.get('size_limit') or 'none'}",
+        file=out,
+    )
+    return EXIT_OK

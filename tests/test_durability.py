@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-import forwarder.cycle
+import forwarder.plan
 from forwarder.config import Settings
 from forwarder.errors import StateError
 from forwarder.sqlite_store import SqliteStateStore
@@ -86,14 +86,14 @@ async def test_unexpected_error_on_one_message_quarantines_it_and_the_rest_go_on
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_key = forwarder.cycle.message_key
+    real_key = forwarder.plan.message_key
 
     def exploding_key(header_block: bytes, *args: object) -> str:
         if b"Subject: poison" in header_block:
             raise RuntimeError("boom")
         return real_key(header_block, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(forwarder.cycle, "message_key", exploding_key)
+    monkeypatch.setattr(forwarder.plan, "message_key", exploding_key)
     mailbox.deliver(build_message(subject="poison"), ["contact@example.org"])
     mailbox.deliver(build_message(subject="fine"), ["contact@example.org"])
     with capture_logs() as logs:

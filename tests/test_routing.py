@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forwarder.headers import Headers, parse_headers
-from forwarder.routing import MAX_RECEIVED, Route, Skip, route
+from forwarder.routing import MAX_RECEIVED, Left, Route, Skip, route, sources
 
 # Normalised list address -> members as configured (nested lists already expanded).
 LISTS: dict[str, tuple[str, ...]] = {
@@ -355,6 +355,43 @@ def test_route_leaves_out_visible_recipients_and_the_sender(field, left_out):
     result = route(headers(*fields), LISTS)
     assert left_out not in result.recipients
     assert set(result.recipients) == set(TEAM) - {left_out}
+
+
+@pytest.mark.parametrize(
+    ("field", "why"),
+    [
+        pytest.param(("Cc", "BOB+home@example.org"), Left.TO_CC, id="to/cc"),
+        pytest.param(("From", "Bob <bob@EXAMPLE.org>"), Left.SENDER, id="sender"),
+    ],
+)
+def test_route_says_which_members_it_left_out_and_why(field, why):
+    fields = [("Delivered-To", "team@example.org"), field]
+    assert route(headers(*fields), LISTS).left_out == (("Bob@Example.org", why),)
+
+
+def test_route_names_the_sender_first_when_also_in_to():
+    fields = [
+        ("Delivered-To", "team@example.org"),
+        ("From", "alice@example.org"),
+        ("To", "alice@example.org"),
+    ]
+    assert route(headers(*fields), LISTS).left_out == (("alice@example.org", Left.SENDER),)
+
+
+def test_sources_lists_every_header_routing_looks_at_in_order():
+    fields = [
+        ("Received", "from a by b for <nobody@example.org>; Mon, 1 Jan"),
+        ("X-Original-To", "Nobody+x@Example.org"),
+        ("To", "someone@example.org"),
+    ]
+    assert sources(headers(*fields)) == [
+        ("delivered-to", []),
+        ("x-original-to", ["nobody@example.org"]),
+        ("envelope-to", []),
+        ("x-envelope-to", []),
+        ("received", ["nobody@example.org"]),
+        ("to/cc", ["someone@example.org"]),
+    ]
 
 
 def test_route_keeps_members_named_only_in_bcc_or_reply_to():

@@ -309,8 +309,8 @@ def test_a_file_that_is_not_a_state_store_is_a_clear_error(
     assert other.read_text() == "not a database\n" * 100
 
 
-def test_json_flag_belongs_to_status_only(state_env: dict[str, str]) -> None:
-    result = forwarder(state_env, "once", "--json")
+def test_json_flag_belongs_to_reading_commands_only(state_env: dict[str, str]) -> None:
+    result = forwarder(state_env, "check", "--json")
     assert result.returncode == 2
     assert "unrecognized arguments: --json" in result.stderr
 
@@ -348,3 +348,21 @@ def test_only_the_most_recent_failures_are_listed(tmp_path: Path) -> None:
     assert len(ids) == FAILED_SHOWN
     assert ids[0] == f"<{FAILED_SHOWN + 4:03}@example.net>"  # the newest first
     assert "<000@example.net>" not in ids
+
+
+def test_a_message_with_a_member_still_deferred_is_not_counted_as_forwarded(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path)
+    try:
+        carol = "carol@example.org"
+        busy = Delivery(carol, carol, Status.DEFERRED, 451, "4.2.0 busy", NEXT_TRY)
+        record(
+            store, "key-a", "<a@example.net>", ["compta@example.org"], [ok("bob@example.org"), busy]
+        )
+        record(store, "key-b", "<b@example.net>", ["compta@example.org"], [ok("bob@example.org")])
+    finally:
+        store.close()
+    report = read(path, ("compta@example.org",))
+    assert report.forwarded_per_list == {"compta@example.org": 1}  # key-b only
