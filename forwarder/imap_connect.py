@@ -98,7 +98,7 @@ def _starttls(client: IMAPClient, ca_file: Path | None, server: str) -> None:
 
 def _login(client: IMAPClient, e: ImapEndpoint, server: str) -> None:
     try:
-        client.login(e.username, e.password.get_secret_value())
+        _authenticate(client, e)
     except LoginError as exc:
         cause = exc.__context__  # imapclient re-raises imaplib's error as LoginError
         bye = isinstance(cause, imaplib.IMAP4.abort)
@@ -106,6 +106,22 @@ def _login(client: IMAPClient, e: ImapEndpoint, server: str) -> None:
             raise ImapError("the connection closed during the login", server=server) from None
         text = server_text(exc)
         raise imap_errors.login_refused(server, e.username, text, bye=bye) from None
+
+
+def _authenticate(client: IMAPClient, e: ImapEndpoint) -> None:
+    """LOGIN; AUTHENTICATE PLAIN (RFC 4616: UTF-8) when the credentials are not ASCII.
+
+    LOGIN's strings are 7-bit (RFC 3501) and imaplib encodes them as ASCII. ASCII
+    credentials keep LOGIN, the command every server has been used with so far.
+    """
+    username, password = e.username, e.password.get_secret_value()
+    if username.isascii() and password.isascii():
+        client.login(username, password)
+    elif b"AUTH=PLAIN" in client.capabilities():
+        client.plain_login(username, password)
+    else:
+        non_ascii = [not username.isascii(), not password.isascii()]
+        raise imap_errors.no_utf8_login(e.server, non_ascii)
 
 
 def connection_failure(exc: BaseException, e: ImapEndpoint, ca_file: Path | None) -> ImapError:

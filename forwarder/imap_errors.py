@@ -80,6 +80,18 @@ def login_refused(server: str, username: str, text: str, *, bye: bool) -> ImapEr
     )
 
 
+def no_utf8_login(server: str, non_ascii: list[bool]) -> ImapError:
+    """Non-ASCII credentials (`non_ascii`: user name, password) and no AUTH=PLAIN."""
+    variables = [name for name, flagged in zip(CREDENTIALS, non_ascii, strict=True) if flagged]
+    return ImapAuthError(
+        f"{' and '.join(variables)} has non-ASCII characters: IMAP LOGIN carries ASCII "
+        "only, and the server does not offer AUTHENTICATE PLAIN (AUTH=PLAIN)",
+        server=server,
+        settings=variables,
+        advice="enable the SASL PLAIN mechanism on the server or use ASCII credentials",
+    )
+
+
 def greeting_refused(server: str, greeting: str) -> ImapError:
     """The server greeted with BYE (RFC 3501 7.1.5: it refuses the connection) or NO."""
     if greeting.upper().startswith(("* BYE", "BYE")):

@@ -11,6 +11,8 @@ test thread at any time:
   ``NO [CANNOT]`` or ``BAD`` by the proxy without reaching the server (as Courier
   does: the ``\\Seen`` of the same STORE is lost too), or passed on without its
   keywords, so that the server answers OK with FLAGS that lack them;
+* ``hide_capabilities = {b"AUTH=PLAIN"}``: those capabilities are left out of
+  every CAPABILITY response and response code (a server offering LOGIN only);
 * ``max_logins = n``: a LOGIN/AUTHENTICATE while ``n`` sessions through the proxy
   are logged in is refused the way ``refusal`` says: ``"limit"`` (``NO [LIMIT]``),
   ``"unavailable"`` (``NO [UNAVAILABLE]``), ``"wording"`` (a plain NO saying "Too many
@@ -52,6 +54,7 @@ _STORE = re.compile(
 _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r\n$")
 _PERMANENTFLAGS = re.compile(rb"\[PERMANENTFLAGS \(([^)]*)\)\]", re.IGNORECASE)
 _FLAGS = re.compile(rb"^\* FLAGS \(([^)]*)\)", re.IGNORECASE)
+_CAPABILITY = re.compile(rb"(^\* CAPABILITY |\[CAPABILITY )([^\]\r\n]*)", re.IGNORECASE)
 _REFUSALS: dict[str, bytes] = {
     "limit": b"NO [LIMIT] Too many connections for this account",
     "unavailable": b"NO [UNAVAILABLE] Temporary authentication failure.",
@@ -72,6 +75,7 @@ class ImapFaultProxy(FaultProxy):
     def __init__(self, target_host: str, target_port: int, *, record: bool = False) -> None:
         super().__init__(target_host, target_port, record=record)
         self.hide_keywords = False
+        self.hide_capabilities: set[bytes] = set()
         self.keyword_store: KeywordStore = "pass"
         self.max_logins: int | None = None
         self.refusal: Refusal = "limit"
@@ -194,10 +198,16 @@ class ImapFaultProxy(FaultProxy):
                 session.logged_in = True
                 self.logins += 1
             session.login_tag = None
+        if self.hide_capabilities:
+            line = _CAPABILITY.sub(lambda m: m[1] + self._capabilities(m[2]), line)
         if self.hide_keywords:
             line = _PERMANENTFLAGS.sub(lambda m: b"[PERMANENTFLAGS (%s)]" % _system(m[1]), line)
             line = _FLAGS.sub(lambda m: b"* FLAGS (%s)" % _system(m[1]), line)
         return line
+
+    def _capabilities(self, atoms: bytes) -> bytes:
+        hidden = {c.upper() for c in self.hide_capabilities}
+        return b" ".join(a for a in atoms.split(b" ") if a.upper() not in hidden)
 
     async def _pass(self, writer: asyncio.StreamWriter, side: Side, data: bytes) -> None:
         self._write(writer, side, data)

@@ -21,7 +21,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 from imapclient import IMAPClient
@@ -73,6 +73,11 @@ class MailServer(Server):
 
     username: str = "catchall@example.org"
     password: str = "secret"
+    # Other logins to the same mailbox, for the credential tests. Written at start:
+    # Dovecot may not see a passwd-file line added in the second of its last read.
+    other_logins: ClassVar[dict[str, str]] = {
+        "utf8@example.org": 'pässwörd-€-"\\-🔑',  # UTF-8 of 2, 3 and 4 bytes, IMAP escapes
+    }
 
     def __init__(
         self,
@@ -286,7 +291,11 @@ class MailServer(Server):
         self.home.mkdir(mode=0o700)
         os.chown(self.home, self.mail_uid, self.mail_gid)
         users = self.base_dir / "users"
-        users.write_text(f"{self.username}:{{PLAIN}}{self.password}\n")
+        logins = {self.username: self.password, **self.other_logins}
+        users.write_text(
+            "".join(f"{name}:{{PLAIN}}{password}\n" for name, password in logins.items()),
+            encoding="utf-8",
+        )
         users.chmod(0o644)
 
     def _make_certificate(self) -> Path:

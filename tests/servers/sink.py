@@ -208,7 +208,8 @@ class SmtpSink(Server):
     refused with 552.  A data line longer than ``max_line_length`` (aiosmtpd's
     1001 by default, as RFC 5321 allows) is refused with 500; raise it to
     record whatever a client sends.  With ``auth=(username, password)`` AUTH
-    PLAIN/LOGIN is offered (without TLS too) and required before MAIL.
+    PLAIN/LOGIN is offered (without TLS too) and required before MAIL; both are
+    UTF-8 (RFC 4616); ``auth_exclude=("PLAIN",)`` leaves a mechanism out.
 
     TLS, with a fresh self-signed certificate for localhost/127.0.0.1 whose
     file is ``ca_file``: ``tls="starttls"`` offers STARTTLS (``require_starttls``
@@ -247,6 +248,7 @@ class SmtpSink(Server):
         self,
         auth: tuple[str, str] | None = None,
         *,
+        auth_exclude: tuple[str, ...] = (),
         tls: SinkTls | None = None,
         offer_starttls: bool = True,
         require_starttls: bool = False,
@@ -254,6 +256,7 @@ class SmtpSink(Server):
         max_line_length: int = SMTP.line_length_limit,
     ) -> None:
         self.auth = auth
+        self.auth_exclude = auth_exclude
         self.tls = tls
         self.offer_starttls = offer_starttls
         self.require_starttls = require_starttls
@@ -292,7 +295,11 @@ class SmtpSink(Server):
         kwargs: dict[str, Any] = {}
         if self.auth is not None:
             # auth_required=True would warn about plaintext AUTH; handle_MAIL enforces it.
-            kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
+            kwargs.update(
+                authenticator=self._authenticate,
+                auth_require_tls=False,
+                auth_exclude_mechanism=self.auth_exclude,
+            )
         if self.tls == "implicit":
             kwargs["ssl_context"] = self._server_context
         controller = _SinkController(
