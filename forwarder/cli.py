@@ -13,7 +13,8 @@ from forwarder import __version__
 from forwarder.command_options import OPTIONS
 from forwarder.config import load_settings
 from forwarder.errors import ConfigError
-from forwarder.logs import configure_logging
+from forwarder.logs import configure_logging, print_error
+from forwarder.redact import secret_values
 
 # name -> (module:function, help). Imported on use: `once` never loads the scheduler.
 COMMANDS = {
@@ -69,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
-        print(f"forwarder: configuration error: {exc}", file=sys.stderr)
+        print_error(f"forwarder: configuration error: {exc}")
         return exc.exit_status
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(settings.log_format, settings.log_level, secrets=secret_values(settings))
     command = _command(args.command)
     options = {k: v for k, v in vars(args).items() if k != "command"}
     return asyncio.run(command(settings, **options))

@@ -78,7 +78,12 @@ class IdleWatcher:
             except (ForwarderError, OSError) as exc:
                 log.warning("idle_interrupted", error=str(exc), retry_in=delay)
             except Exception as exc:  # never let the thread die silently
-                log.error("idle_interrupted", error=repr(exc), retry_in=delay)
+                log.error(
+                    "idle_interrupted",
+                    error=str(exc) or type(exc).__name__,
+                    error_type=type(exc).__name__,
+                    retry_in=delay,
+                )
             finally:
                 source.close()
             self._stop.wait(delay)

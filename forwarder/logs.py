@@ -1,26 +1,188 @@
 """Structured logs: structlog, JSON lines on stdout unless on a terminal.
 
-The standard library's logging (apscheduler, aiosmtplib, asyncio) goes through the
-same processors, so every line has the same shape.
+The standard library's logging (apscheduler, aiosmtplib, asyncio, warnings) goes
+through the same processors, so every line has the same shape. Everything the
+process writes for a person passes one boundary here:
+
+* secrets (`redact.py`) are masked in every key and value, in tracebacks, and
+  once more in the rendered line;
+* in the console format, control characters (C0, DEL, C1, Unicode line
+  separators and bidi overrides) are written as escapes (`\\x1b`, `\\n`,
+  `\\u202e`): no terminal escape sequence from a message reaches the terminal.
+  JSON escapes them itself (every line is printable ASCII);
+* under systemd, when stdout is the journal's stream (`JOURNAL_STREAM` names
+  its device and inode), each line starts with its syslog priority `<N>`,
+  which journald strips and records as PRIORITY;
+* the one-line messages on stderr (`print_error`) and uncaught exceptions get
+  the same treatment.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import re
 import sys
-from typing import Literal
+import threading
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal, TextIO
 
 import structlog
+from pydantic import SecretBytes, SecretStr
+from structlog.tracebacks import ExceptionDictTransformer
+
+from forwarder.redact import register_secret, scrub, scrub_bytes
 
 LogFormat = Literal["json", "console"]
+ERROR_PRIORITY = 3
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, ERROR_PRIORITY), (logging.WARNING, 4))
+_CONTROLS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # the console renderer's own colours
+_META = frozenset({"_record", "_from_structlog"})  # structlog's own keys: left alone
+_MULTILINE = frozenset({"exception", "stack"})  # tracebacks keep their line breaks
+
+log = structlog.get_logger("forwarder")
 
 
 def default_format() -> LogFormat:
     return "console" if sys.stdout.isatty() else "json"
 
 
-def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None:
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT:
+        return _SHORT[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with every control character but those in `keep` written as an escape."""
+    return _CONTROLS.sub(lambda m: m.group() if m.group() in keep else _escape(m), text)
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level: error 3, warning 4, info 6, debug 7."""
+    for threshold, priority in _PRIORITIES:
+        if levelno >= threshold:
+            return priority
+    return 6 if levelno >= logging.INFO else 7
+
+
+def journal_stream(stream: TextIO) -> bool:
+    """True when `stream` is connected to the journal (sd-daemon's JOURNAL_STREAM check)."""
+    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+        return (status.st_dev, status.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+
+
+class _CleanValues:
+    """Masks secrets in every key and value; in the console format, escapes controls."""
+
+    def __init__(self, escape: bool) -> None:
+        self.escape = escape
+
+    def __call__(self, logger: Any, name: str, event_dict: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            self._text(key): value if key in _META else self._value(value, key in _MULTILINE)
+            for key, value in event_dict.items()
+        }
+
+    def _text(self, text: str, multiline: bool = False) -> str:
+        text = scrub(text)
+        return escape_controls(text, "\n" if multiline else "") if self.escape else text
+
+    def _value(self, value: Any, multiline: bool = False) -> Any:
+        if isinstance(value, str):
+            return self._text(value, multiline)
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, dict):
+            return {self._value(k): self._value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self._value(item) for item in value)
+        if isinstance(value, bytes | bytearray):
+            return scrub_bytes(bytes(value))  # its repr (escaped) if it held a secret
+        text = repr(value)  # what either renderer would write
+        cleaned = self._text(text)
+        return value if cleaned == text else cleaned
+
+
+class _BoundaryFormatter(structlog.stdlib.ProcessorFormatter):
+    """The last step before a line is written: scrub it again, escape, add the priority."""
+
+    def __init__(self, *, journal: bool, colours: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.journal = journal
+        self.colours = colours
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = scrub(super().format(record))  # forms the renderer made (JSON's \u00e9 ...)
+        text = _CONTROLS.sub(self._escape_rendered, text)
+        if self.journal:
+            prefix = f"<{syslog_priority(record.levelno)}>"
+            text = "\n".join(prefix + line for line in text.split("\n"))
+        return text
+
+    def _escape_rendered(self, match: re.Match[str]) -> str:
+        char = match.group()
+        if char == "\n":
+            return char
+        if char == "\x1b" and self.colours:
+            tail = match.string[match.start() :]
+            if _COLOUR.match(tail):  # values were escaped already: this is the renderer's
+                return char
+        return _escape(match)
+
+
+def print_error(text: str, stream: TextIO | None = None) -> None:
+    """One line for a person on stderr, through the same boundary as the logs."""
+    stream = stream or sys.stderr
+    line = escape_controls(scrub(text))
+    if journal_stream(stream):
+        line = f"<{ERROR_PRIORITY}>{line}"
+    print(line, file=stream, flush=True)
+
+
+def _uncaught(
+    exc_type: type[BaseException], exc: BaseException | None, tb: TracebackType | None
+) -> None:
+    """sys.excepthook: the traceback goes to the log (scrubbed), one line to stderr."""
+    name = exc_type.__name__
+    text = str(exc) if exc is not None else ""
+    log.error("unexpected_error", error=text or name, error_type=name, exc_info=(exc_type, exc, tb))
+    print_error(f"forwarder: unexpected error ({name}): {text or name}; traceback in the log")
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    exc = args.exc_value
+    log.error(
+        "unexpected_error",
+        error=str(exc) or args.exc_type.__name__,
+        error_type=args.exc_type.__name__,
+        thread=args.thread.name if args.thread is not None else None,
+        exc_info=(args.exc_type, exc, args.exc_traceback),
+    )
+
+
+def configure_logging(
+    fmt: LogFormat | None = None,
+    level: str = "info",
+    secrets: Iterable[str | SecretStr | SecretBytes | None] = (),
+) -> None:
+    register_secret(*secrets)
     fmt = fmt or default_format()
+    console = fmt == "console"
+    colours = console and sys.stdout.isatty()
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -28,11 +190,19 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor
-    if fmt == "json":
-        shared += [structlog.processors.dict_tracebacks]
-        renderer = structlog.processors.JSONRenderer()
+    if console:
+        # The traceback becomes a plain string value, scrubbed and escaped like the others.
+        shared.append(structlog.processors.format_exc_info)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colours, exception_formatter=structlog.dev.plain_traceback
+        )
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        # No local variables in tracebacks: a frame's locals may hold a password, cut short.
+        shared.append(
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        )
+        renderer = structlog.processors.JSONRenderer()
+    shared.append(_CleanValues(escape=console))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -41,7 +211,9 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
     )
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
+        _BoundaryFormatter(
+            journal=journal_stream(sys.stdout),
+            colours=colours,
             foreign_pre_chain=shared,
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
@@ -49,6 +221,9 @@ def configure_logging(fmt: LogFormat | None = None, level: str = "info") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)  # warnings become log lines, not raw stderr
+    sys.excepthook = _uncaught
+    threading.excepthook = _uncaught_in_thread
     # Library chatter stays at warning unless debugging. imapclient's debug log shows
     # protocol traffic, so it stays at warning always: no secret ever reaches a log.
     for name in ("apscheduler", "aiosmtplib", "asyncio"):

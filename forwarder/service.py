@@ -13,6 +13,7 @@ from forwarder.config import Settings
 from forwarder.cycle import Forwarder
 from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import build_forwarder, open_store, store_label
+from forwarder.logs import print_error
 from forwarder.mailbox import Mailbox
 from forwarder.state import StateStore
 
@@ -22,7 +23,7 @@ log = structlog.get_logger("forwarder")
 def report(exc: ForwarderError, event: str) -> int:
     """Log a failure, print its one line for a human, return its exit status."""
     log.error(event, error=str(exc), error_type=type(exc).__name__)
-    print(f"forwarder: {exc}", file=sys.stderr)
+    print_error(f"forwarder: {exc}")
     return exc.exit_status
 
 

@@ -32,6 +32,7 @@ pytest_plugins = [
     "tests.faults",
     "tests.imap_faults",
     "tests.deployment",  # the project installed in a systemd container
+    "tests.journald",
 ]
 
 LISTS: dict[str, list[str]] = {

@@ -31,6 +31,7 @@ class Daemon:
             text=True,
         )
         self.events: list[dict[str, object]] = []
+        self.lines: list[str] = []  # all of stdout, as written
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -38,6 +39,7 @@ class Daemon:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            self.lines.append(line)
             if line.startswith("{"):
                 with self._changed:
                     self.events.append(json.loads(line))

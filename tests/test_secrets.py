@@ -11,10 +11,18 @@ import pytest
 from structlog.testing import capture_logs
 
 from forwarder.config import load_settings
-from forwarder.errors import ConfigError, ForwarderError, ImapAuthError, SmtpAuthError
+from forwarder.errors import (
+    EXIT_AUTH,
+    ConfigError,
+    ForwarderError,
+    ImapAuthError,
+    SmtpAuthError,
+)
 from tests.conftest import LISTS, MakeSettings, forward_once
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
+from tests.spellings import SECRET, spellings
+from tests.test_daemon import Daemon
 
 CANARY = "canary-Pw-7f3Qz9-do-not-log"
 SMTP_USER = "relay@example.org"
@@ -98,3 +106,41 @@ async def test_a_canary_password_appears_in_no_log_event_exception_repr_or_state
     assert leaks == []
     for path in tmp_path.glob("state.db*"):  # the state store and its WAL
         assert CANARY.encode() not in path.read_bytes()
+
+
+def test_non_ascii_passwords_appear_in_no_output_of_a_running_forwarder(
+    mailbox: MailServer, env_for_subprocess: dict[str, str], tmp_path: Path
+) -> None:
+    """A real `forwarder run`, debug logs: logins with UTF-8 passwords, then a refused one."""
+    imap_user = "utf8@example.org"
+    imap_password = MailServer.other_logins[imap_user]
+    smtp_password = SECRET  # another non-ASCII password, with both quotes and a backslash
+    env = dict(env_for_subprocess, FORWARDER_LOG_LEVEL="debug", FORWARDER_POLL_INTERVAL="3600")
+    env.update(
+        FORWARDER_IMAP_USERNAME=imap_user,
+        FORWARDER_IMAP_PASSWORD=imap_password,
+        FORWARDER_SMTP_USERNAME=SMTP_USER,
+        FORWARDER_SMTP_PASSWORD=smtp_password,
+    )
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    with SmtpSink(auth=(SMTP_USER, smtp_password)) as sink:
+        env["FORWARDER_SMTP_PORT"] = str(sink.port)
+        daemon = Daemon(env)
+        try:
+            daemon.wait_for_event("message_forwarded")
+            daemon.wait_for_event("idle_started")
+            # The SMTP server now refuses the password: `run` stops on it (exit 3).
+            sink.auth = (SMTP_USER, "another-password")
+            sink.drop_connections()
+            mailbox.deliver(build_message(), ["contact@example.org"])
+            status = daemon.process.wait(timeout=30)
+            assert daemon.process.stderr is not None
+            stderr = daemon.process.stderr.read()
+        finally:
+            daemon.close()  # after the last stdout line was read
+    assert status == EXIT_AUTH
+    output = "".join(daemon.lines) + stderr
+    assert "refused the login" in stderr
+    for password in (imap_password, smtp_password):
+        leaks = [name for name, spelt in spellings(password).items() if spelt in output]
+        assert leaks == []

@@ -1,0 +1,59 @@
+"""Secret masking: every spelling of a secret (tests/spellings.py) is masked."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from forwarder.redact import MASK, Redactor, secret_values
+from tests.spellings import ASCII_SECRET, SECRET, spellings
+
+
+@pytest.mark.parametrize("name", list(spellings(SECRET)))
+def test_every_spelling_of_a_non_ascii_secret_is_masked(name: str) -> None:
+    redactor = Redactor()
+    redactor.register(SECRET)
+    spelt = spellings(SECRET)[name]
+    text = f"before {spelt} after"
+    scrubbed = redactor.scrub(text)
+    assert MASK in scrubbed
+    assert spelt not in scrubbed
+    assert scrubbed.startswith("before ") and scrubbed.endswith(" after")
+
+
+@pytest.mark.parametrize("name", list(spellings(ASCII_SECRET)))
+def test_every_spelling_of_an_ascii_secret_is_masked(name: str) -> None:
+    redactor = Redactor()
+    redactor.register(ASCII_SECRET)
+    spelt = spellings(ASCII_SECRET)[name]
+    assert spelt not in redactor.scrub(f"<{spelt}>")
+
+
+def test_text_without_the_secret_is_left_unchanged() -> None:
+    redactor = Redactor()
+    redactor.register(SECRET)
+    text = "message_forwarded uid=12 message_id=<a@b> passé ssw€ AHJlbGF5QGV4YW1wbGUub3JnAA=="
+    assert redactor.scrub(text) == text
+
+
+def test_the_password_of_a_url_is_masked_alone_and_percent_encoded() -> None:
+    redactor = Redactor()
+    redactor.register(SecretStr("postgresql://forwarder:p%C3%A4ss%2Fw@db.example.org/mail"))
+    assert redactor.scrub("password 'päss/w' refused") == f"password '{MASK}' refused"
+    assert "p%C3%A4ss%2Fw" not in redactor.scrub("url p%C3%A4ss%2Fw")
+
+
+def test_secrets_are_found_in_nested_settings() -> None:
+    class Endpoint(BaseModel):
+        password: SecretStr
+
+    class Settings(BaseModel):
+        name: str
+        imap: Endpoint
+        smtp: list[Endpoint]
+        token: SecretStr | None = None
+
+    settings = Settings(
+        name="x", imap=Endpoint(password=SecretStr("a")), smtp=[Endpoint(password=SecretStr("b"))]
+    )
+    assert sorted(secret_values(settings)) == ["a", "b"]
