@@ -155,13 +155,9 @@ class Journald:
             follower.close()
         self._followers.clear()
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
+        if process is not None:
             process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait(10)
 
     def close(self) -> None:
         self.stop()

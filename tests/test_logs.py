@@ -2,7 +2,8 @@
 
 Secrets are masked in every rendered line, traceback and stderr message; control
 characters never reach a terminal raw; under systemd each line carries its
-syslog priority. The end-to-end versions run a real `forwarder` process.
+syslog priority, and a real systemd-journald records it at that priority. The
+end-to-end versions run a real `forwarder` process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import structlog
 
 from forwarder import redact
 from forwarder.logs import configure_logging
+from tests.journald import Journald
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
 from tests.spellings import SECRET, spellings
@@ -256,3 +258,51 @@ def test_no_priority_prefix_when_journal_stream_names_another_stream(
     result = forwarder(env_for_subprocess, "once", capture_output=True)
     assert result.returncode == 0
     assert result.stdout.startswith(b"{")
+
+
+# --------------------------------------------------------------------------- a real journald
+
+PRIORITIES = {"error": "3", "warning": "4", "info": "6", "debug": "7"}
+
+
+def forwarder_into_journal(
+    journald: Journald, identifier: str, env: dict[str, str], *args: str
+) -> int:
+    """Run `forwarder` with stdout and stderr on a journal stream, as systemd does."""
+    stream, journal_stream = journald.stream(identifier)
+    with stream:
+        env = dict(env, JOURNAL_STREAM=journal_stream)
+        return forwarder(env, *args, stdout=stream, stderr=stream).returncode
+
+
+def test_journald_records_each_log_line_at_its_level_and_without_the_prefix(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str], journald: Journald
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    smtp_sink.rcpt_responses["alice@example.org"] = "550 5.1.1 no such user"
+    smtp_sink.rcpt_responses["bob@example.org"] = "451 4.3.0 try later"
+    identifier = "forwarder-levels"
+    follower = journald.follow(identifier)
+    env = dict(env_for_subprocess, FORWARDER_LOG_LEVEL="debug")
+    assert forwarder_into_journal(journald, identifier, env, "once") == 0
+    entries = follower.wait_for('"cycle_finished"')
+    seen = {}
+    for entry in entries:
+        event = json.loads(entry["MESSAGE"])  # the JSON object alone: the prefix was stripped
+        seen.setdefault(event["level"], set()).add(entry["PRIORITY"])
+    assert seen == {level: {priority} for level, priority in PRIORITIES.items()}
+    errors = journald.query(identifier, "--priority=err")  # journalctl -p err
+    assert [json.loads(e["MESSAGE"])["event"] for e in errors] == ["delivery_failed"]
+
+
+def test_journald_records_the_stderr_error_line_at_priority_err(
+    mailbox: MailServer, env_for_subprocess: dict[str, str], journald: Journald
+) -> None:
+    identifier = "forwarder-stderr"
+    follower = journald.follow(identifier)
+    env_for_subprocess["FORWARDER_IMAP_PASSWORD"] = "wrong"
+    assert forwarder_into_journal(journald, identifier, env_for_subprocess, "once") == 3
+    entries = follower.wait_for("forwarder: IMAP server")
+    line = next(e for e in entries if e["MESSAGE"].startswith("forwarder: "))
+    assert "refused the login" in line["MESSAGE"]
+    assert line["PRIORITY"] == "3"
