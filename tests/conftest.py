@@ -29,10 +29,10 @@ pytest_plugins = [
     "tests.servers.sink",
     "tests.servers.postgres",
     "tests.servers.systemd",
+    "tests.servers.journald",
     "tests.faults",
     "tests.imap_faults",
     "tests.deployment",  # the project installed in a systemd container
-    "tests.journald",
 ]
 
 LISTS: dict[str, list[str]] = {

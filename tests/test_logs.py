@@ -24,9 +24,8 @@ import structlog
 
 from forwarder import redact
 from forwarder.logs import configure_logging
-from tests.journald import Journald
 from tests.mail import build_message
-from tests.servers import MailServer, SmtpSink
+from tests.servers import Journald, MailServer, SmtpSink
 from tests.spellings import SECRET, spellings
 
 Configure = Callable[..., None]

@@ -14,6 +14,8 @@
   systemd-nspawn on :mod:`tests.servers.systemd_rootfs` (a cached root file
   system); :mod:`tests.servers.systemd_mail` runs a Dovecot and an SMTP sink
   inside it; fixture ``systemd_rootfs``, whose tests are marked ``container``.
+* :mod:`tests.servers.journald`: :class:`Journald`, a private systemd-journald
+  in its own mount namespace; fixture ``journald``.
 
 ``from tests.servers import X`` works for every server class and for the
 helpers of :mod:`tests.servers.common`.  The
@@ -32,6 +34,7 @@ from tests.servers.common import (
     wait_for_port,
 )
 from tests.servers.dovecot import MailServer
+from tests.servers.journald import Journald
 from tests.servers.postgres import PostgresCluster, PostgresDatabase, postgres_bin_dir
 from tests.servers.sink import Received, SinkTls, SmtpSink
 from tests.servers.systemd import Bind, Container
@@ -40,6 +43,7 @@ __all__ = [
     "LOOPBACK",
     "Bind",
     "Container",
+    "Journald",
     "MailServer",
     "PostgresCluster",
     "PostgresDatabase",

@@ -11,7 +11,11 @@ network namespace, which is shared).
 (identifier, priority 6, level prefix on) and returns it with the
 ``JOURNAL_STREAM`` value a service would see. ``follow(identifier)`` collects
 that identifier's entries as journald writes them (``journalctl --follow``);
-``Follower.wait_for(text)`` returns once an entry's MESSAGE contains ``text``.
+``Follower.wait_for(text)`` returns once an entry's MESSAGE contains ``text``;
+``query(identifier, *args)`` is ``journalctl ARGS`` (``--priority=err``...).
+
+Fixture: ``journald`` (one per session; skipped unless root, since it needs a
+mount namespace).
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers.common import Server, log_tail
+
+__all__ = ["Follower", "Journald", "journald"]
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
 CONFIG = """\
@@ -81,7 +89,7 @@ class Follower:
             self.process.stdout.close()
 
 
-class Journald:
+class Journald(Server):
     def __init__(self, start_timeout: float = 10.0) -> None:
         self.start_timeout = start_timeout
         self.base_dir = Path(tempfile.mkdtemp(prefix="journald-"))
@@ -118,8 +126,7 @@ class Journald:
                 pass
         except TimeoutError:
             self.stop()
-            log_text = (self.base_dir / "journald.log").read_text(errors="replace")
-            raise RuntimeError(f"systemd-journald did not start\n{log_text}") from None
+            raise RuntimeError(f"systemd-journald did not start\n{self.log_tail()}") from None
         finally:
             notify.close()
 
@@ -162,6 +169,9 @@ class Journald:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return log_tail([self.base_dir / "journald.log"], lines)
 
 
 @pytest.fixture(scope="session")
