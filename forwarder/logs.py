@@ -20,6 +20,7 @@ process writes for a person passes one boundary here:
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -63,6 +64,16 @@ def _escape(match: re.Match[str]) -> str:
 def escape_controls(text: str, keep: str = "") -> str:
     """`text` with every control character but those in `keep` written as an escape."""
     return _CONTROLS.sub(lambda m: m.group() if m.group() in keep else _escape(m), text)
+
+
+def printable_json(value: object) -> str:
+    """JSON with non-ASCII text kept readable, but every control character escaped.
+
+    json.dumps(ensure_ascii=False) escapes C0 only: DEL, C1 (CSI is 0x9b) and the
+    line separators and bidi overrides become \\uXXXX (they can only be in strings).
+    """
+    text = json.dumps(value, ensure_ascii=False)
+    return _CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def syslog_priority(levelno: int) -> int:

@@ -8,7 +8,6 @@ grouped generically, so a status added later is counted without a change here.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
@@ -16,6 +15,7 @@ from typing import Any, TextIO
 from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, StateError
 from forwarder.factory import open_store, store_label
+from forwarder.logs import escape_controls, print_error, printable_json
 from forwarder.reporting import iso
 from forwarder.state import StateStore
 
@@ -178,10 +178,10 @@ async def show_status(settings: Settings, as_json: bool = False, out: TextIO = s
         finally:
             store.close()
     except StateError as exc:
-        print(f"forwarder: {exc}", file=sys.stderr)
+        print_error(f"forwarder: {exc}")
         return exc.exit_status
     if as_json:
-        out.write(json.dumps(report.as_dict(), ensure_ascii=False) + "\n")
-    else:
-        out.write(render_text(report))
+        out.write(printable_json(report.as_dict()) + "\n")
+    else:  # Message-IDs and server replies may carry terminal escape sequences
+        out.write(escape_controls(render_text(report), keep="\n"))
     return EXIT_OK

@@ -24,15 +24,13 @@ import structlog
 
 from forwarder import redact
 from forwarder.logs import configure_logging
+from tests.leaks import RAW_CONTROLS, SECRET, spellings
 from tests.mail import build_message
 from tests.servers import Journald, MailServer, SmtpSink
-from tests.spellings import SECRET, spellings
 
 Configure = Callable[..., None]
 LIBRARIES = ("apscheduler", "aiosmtplib", "asyncio", "imapclient")  # levels set by logs.py
-# Everything that can start or end a terminal escape sequence, move the cursor or
-# ring: C0 (but LF), DEL, C1 (CSI is 0x9b), and the bidi overrides.
-RAW_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+PRIORITIES = {"error": "3", "warning": "4", "info": "6", "debug": "7"}  # syslog's, by level
 EVIL = "<evil\x1b]0;pwned\x07\x1b[2J\x1b[31mred\x08\r\n\x9b31m\u202e@remote.example>"
 
 
@@ -213,16 +211,23 @@ def journal_stream_of(path: Path) -> str:
     return f"{status.st_dev}:{status.st_ino}"
 
 
-def test_each_line_starts_with_its_syslog_priority_when_stdout_is_the_journal_stream(
-    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str], tmp_path: Path
-) -> None:
+@pytest.fixture
+def debug_env(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
+) -> dict[str, str]:
+    """A message whose cycle logs at every level: one member refused, one deferred."""
     mailbox.deliver(build_message(), ["contact@example.org"])
     smtp_sink.rcpt_responses["alice@example.org"] = "550 5.1.1 no such user"
     smtp_sink.rcpt_responses["bob@example.org"] = "451 4.3.0 try later"
+    return dict(env_for_subprocess, FORWARDER_LOG_LEVEL="debug")
+
+
+def test_each_line_starts_with_its_syslog_priority_when_stdout_is_the_journal_stream(
+    debug_env: dict[str, str], tmp_path: Path
+) -> None:
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     stdout.touch()
-    env = dict(env_for_subprocess, FORWARDER_LOG_LEVEL="debug")
-    env["JOURNAL_STREAM"] = journal_stream_of(stdout)
+    env = dict(debug_env, JOURNAL_STREAM=journal_stream_of(stdout))
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
         assert forwarder(env, "once", stdout=out, stderr=err).returncode == 0
     priorities: dict[str, set[str]] = {}
@@ -231,7 +236,7 @@ def test_each_line_starts_with_its_syslog_priority_when_stdout_is_the_journal_st
         assert match, line
         event = json.loads(match.group(2))
         priorities.setdefault(event["level"], set()).add(match.group(1))
-    assert priorities == {"debug": {"7"}, "info": {"6"}, "warning": {"4"}, "error": {"3"}}
+    assert priorities == {level: {priority} for level, priority in PRIORITIES.items()}
 
 
 def test_the_stderr_line_carries_priority_3_when_stderr_is_the_journal_stream(
@@ -261,8 +266,6 @@ def test_no_priority_prefix_when_journal_stream_names_another_stream(
 
 # --------------------------------------------------------------------------- a real journald
 
-PRIORITIES = {"error": "3", "warning": "4", "info": "6", "debug": "7"}
-
 
 def forwarder_into_journal(
     journald: Journald, identifier: str, env: dict[str, str], *args: str
@@ -275,15 +278,11 @@ def forwarder_into_journal(
 
 
 def test_journald_records_each_log_line_at_its_level_and_without_the_prefix(
-    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str], journald: Journald
+    debug_env: dict[str, str], journald: Journald
 ) -> None:
-    mailbox.deliver(build_message(), ["contact@example.org"])
-    smtp_sink.rcpt_responses["alice@example.org"] = "550 5.1.1 no such user"
-    smtp_sink.rcpt_responses["bob@example.org"] = "451 4.3.0 try later"
     identifier = "forwarder-levels"
     follower = journald.follow(identifier)
-    env = dict(env_for_subprocess, FORWARDER_LOG_LEVEL="debug")
-    assert forwarder_into_journal(journald, identifier, env, "once") == 0
+    assert forwarder_into_journal(journald, identifier, debug_env, "once") == 0
     entries = follower.wait_for('"cycle_finished"')
     seen = {}
     for entry in entries:

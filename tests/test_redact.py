@@ -6,7 +6,7 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 from forwarder.redact import MASK, Redactor, secret_values
-from tests.spellings import ASCII_SECRET, SECRET, spellings
+from tests.leaks import ASCII_SECRET, SECRET, spellings
 
 
 @pytest.mark.parametrize("name", list(spellings(SECRET)))

@@ -19,9 +19,9 @@ from forwarder.errors import (
     SmtpAuthError,
 )
 from tests.conftest import LISTS, MakeSettings, forward_once
+from tests.leaks import SECRET, spellings
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
-from tests.spellings import SECRET, spellings
 from tests.test_daemon import Daemon
 
 CANARY = "canary-Pw-7f3Qz9-do-not-log"

@@ -22,6 +22,9 @@ from forwarder.state import (
     UidState,
 )
 from forwarder.status import FAILED_SHOWN, StatusReport, read_status
+from tests.leaks import RAW_CONTROLS
+from tests.mail import build_message
+from tests.servers import MailServer, SmtpSink
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20+00:00
 NEXT_TRY = 1_900_000_000.0  # 2030-03-17T17:46:40+00:00
@@ -366,3 +369,20 @@ def test_a_message_with_a_member_still_deferred_is_not_counted_as_forwarded(
         store.close()
     report = read(path, ("compta@example.org",))
     assert report.forwarded_per_list == {"compta@example.org": 1}  # key-b only
+
+
+def test_status_escapes_control_characters_from_messages_and_servers(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
+) -> None:
+    evil = "<evil\x1b]0;pwned\x07\x1b[2J\x08\x7f\x9b31m\u202e@remote.example>"
+    mailbox.deliver(build_message(message_id=evil), ["contact@example.org"])
+    smtp_sink.rcpt_responses["bob@example.org"] = "451 4.3.0 busy\x1b[31m"
+    assert forwarder(env_for_subprocess, "once").returncode == 0
+    text = forwarder(env_for_subprocess, "status")
+    as_json = forwarder(env_for_subprocess, "status", "--json")
+    for output in (text.stdout, as_json.stdout):
+        assert RAW_CONTROLS.findall(output) == []
+    assert r"  evil\x1b]0;pwned\x07\x1b[2j\x08\x7f\x9b31m\u202e@remote.example  " in text.stdout
+    assert r"busy\x1b[31m" in text.stdout
+    (deferred,) = json.loads(as_json.stdout)["deferred"]
+    assert deferred["message_id"] == evil.lower()[1:-1]

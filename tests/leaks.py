@@ -1,13 +1,19 @@
-"""Every spelling of a secret in text, computed independently of forwarder/redact.py.
+"""What the process must never write: a secret in any spelling, a raw control character.
 
-The secret tests scan what the process wrote for each of these.
+The spellings are computed here independently of forwarder/redact.py; the tests
+scan what a process wrote for each of them.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 from urllib.parse import quote, quote_plus
+
+# Everything that can start or end a terminal escape sequence, move the cursor or
+# ring: C0 (but LF), DEL, C1 (CSI is 0x9b), and the bidi overrides.
+RAW_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 SECRET = 'pä"ss\'wö\\rd-€-🔑 x'
 ASCII_SECRET = "canary-Pw-7f3Qz9"
