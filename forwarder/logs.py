@@ -4,8 +4,9 @@ The standard library's logging (apscheduler, aiosmtplib, asyncio, warnings) goes
 through the same processors, so every line has the same shape. Everything the
 process writes for a person passes one boundary here:
 
-* secrets (`redact.py`) are masked in every key and value, in tracebacks, and
-  once more in the rendered line;
+* secrets (`redact.py`) are masked in the rendered line, where they can only
+  appear as one of the spellings redact.py matches (JSON escapes included); the
+  console format also masks each key and value before rendering;
 * in the console format, control characters (C0, DEL, C1, Unicode line
   separators and bidi overrides) are written as escapes (`\\x1b`, `\\n`,
   `\\u202e`): no terminal escape sequence from a message reaches the terminal.
@@ -97,10 +98,11 @@ def journal_stream(stream: TextIO) -> bool:
 
 
 class _CleanValues:
-    """Masks secrets in every key and value; in the console format, escapes controls."""
+    """Console format: masks secrets and escapes control characters in every key and value.
 
-    def __init__(self, escape: bool) -> None:
-        self.escape = escape
+    Before rendering, so that a line break in a value cannot pass for one of the
+    renderer's own (a traceback's), nor a secret be cut by an escape.
+    """
 
     def __call__(self, logger: Any, name: str, event_dict: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -109,8 +111,7 @@ class _CleanValues:
         }
 
     def _text(self, text: str, multiline: bool = False) -> str:
-        text = scrub(text)
-        return escape_controls(text, "\n" if multiline else "") if self.escape else text
+        return escape_controls(scrub(text), "\n" if multiline else "")
 
     def _value(self, value: Any, multiline: bool = False) -> Any:
         if isinstance(value, str):
@@ -129,16 +130,18 @@ class _CleanValues:
 
 
 class _BoundaryFormatter(structlog.stdlib.ProcessorFormatter):
-    """The last step before a line is written: scrub it again, escape, add the priority."""
+    """The last step before a line is written: mask, escape, add the priority."""
 
-    def __init__(self, *, journal: bool, colours: bool, **kwargs: Any) -> None:
+    def __init__(self, *, console: bool, journal: bool, colours: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.console = console  # JSON lines are printable ASCII already
         self.journal = journal
         self.colours = colours
 
     def format(self, record: logging.LogRecord) -> str:
-        text = scrub(super().format(record))  # forms the renderer made (JSON's \u00e9 ...)
-        text = _CONTROLS.sub(self._escape_rendered, text)
+        text = scrub(super().format(record))  # with the forms the renderer made (\u00e9 ...)
+        if self.console:
+            text = _CONTROLS.sub(self._escape_rendered, text)
         if self.journal:
             prefix = f"<{syslog_priority(record.levelno)}>"
             text = "\n".join(prefix + line for line in text.split("\n"))
@@ -203,7 +206,7 @@ def configure_logging(
     renderer: structlog.types.Processor
     if console:
         # The traceback becomes a plain string value, scrubbed and escaped like the others.
-        shared.append(structlog.processors.format_exc_info)
+        shared += [structlog.processors.format_exc_info, _CleanValues()]
         renderer = structlog.dev.ConsoleRenderer(
             colors=colours, exception_formatter=structlog.dev.plain_traceback
         )
@@ -213,7 +216,6 @@ def configure_logging(
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
         )
         renderer = structlog.processors.JSONRenderer()
-    shared.append(_CleanValues(escape=console))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -223,6 +225,7 @@ def configure_logging(
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(
         _BoundaryFormatter(
+            console=console,
             journal=journal_stream(sys.stdout),
             colours=colours,
             foreign_pre_chain=shared,

@@ -77,18 +77,33 @@ def _base64_cores(data: bytes) -> set[str]:
     return cores
 
 
-def pattern(secret: str) -> str:
-    """A regex matching `secret` in every form listed in the module docstring."""
-    alternatives = ["".join(_char(c) for c in secret)]
+def _literals(secret: str) -> set[str]:
+    """The spellings matched as plain text: base64 cores, ASCII with the rest dropped."""
     literals = {secret.encode("ascii", "ignore").decode()}
     for encoding in ("utf-8", "latin-1"):
         try:
             literals |= _base64_cores(secret.encode(encoding))
         except UnicodeEncodeError:
             continue
-    literals = {text for text in literals if len(text) >= _MIN_DERIVED and text != secret}
-    alternatives += [re.escape(text) for text in sorted(literals, key=len, reverse=True)]
-    return "|".join(alternatives)
+    return {text for text in literals if len(text) >= _MIN_DERIVED and text != secret}
+
+
+def pattern(secret: str) -> str:
+    """A regex matching `secret` in every form listed in the module docstring."""
+    literals = sorted(_literals(secret), key=len, reverse=True)
+    return "|".join(["".join(_char(c) for c in secret)] + [re.escape(t) for t in literals])
+
+
+def needles(secret: str) -> set[str] | None:
+    """Substrings of which every match of pattern(secret) holds one (None: no such set).
+
+    The secret's longest run of ASCII letters and digits, spelt alike in every form,
+    and the plain-text spellings: a text with none of them needs no regex search.
+    """
+    runs = re.findall("[A-Za-z0-9]+", secret)
+    if not runs:
+        return None
+    return {max(runs, key=len)} | _literals(secret)
 
 
 class Redactor:
@@ -97,6 +112,7 @@ class Redactor:
     def __init__(self) -> None:
         self._secrets: set[str] = set()
         self._regex: re.Pattern[str] | None = None
+        self._needles: tuple[str, ...] | None = None
         self._lock = threading.Lock()
 
     def register(self, secret: str | SecretStr | SecretBytes | None) -> None:
@@ -116,11 +132,19 @@ class Redactor:
                 return
             self._secrets |= found
             longest_first = sorted(self._secrets, key=len, reverse=True)
+            found_needles = [needles(s) for s in longest_first]
+            self._needles = (
+                None
+                if any(n is None for n in found_needles)
+                else tuple({n for each in found_needles if each for n in each})
+            )
             self._regex = re.compile("|".join(f"(?:{pattern(s)})" for s in longest_first))
 
     def scrub(self, text: str) -> str:
-        regex = self._regex
-        return text if regex is None else regex.sub(MASK, text)
+        regex, quick = self._regex, self._needles
+        if regex is None or (quick is not None and not any(n in text for n in quick)):
+            return text
+        return regex.sub(MASK, text)
 
     def scrub_bytes(self, data: bytes) -> bytes | str:
         """`data` unchanged, or its repr scrubbed if that held a secret."""
