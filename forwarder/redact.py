@@ -20,6 +20,7 @@ match too. Pure: no I/O; `logs.py` applies it at the output boundary.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import threading
 from collections.abc import Iterator
@@ -161,12 +162,15 @@ def _plain(secret: SecretStr | SecretBytes) -> str:
 
 
 def secret_values(value: object) -> Iterator[str]:
-    """Every SecretStr / SecretBytes in a settings object, however deeply nested."""
+    """Every SecretStr / SecretBytes in settings, endpoints, mailboxes, however nested."""
     if isinstance(value, SecretStr | SecretBytes):
         yield _plain(value)
     elif isinstance(value, BaseModel):
         for name in type(value).model_fields:
             yield from secret_values(getattr(value, name))
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from secret_values(getattr(value, item.name))
     elif isinstance(value, dict):
         for item in value.values():
             yield from secret_values(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from forwarder.mailbox import ImapEndpoint, Mailbox, SmtpEndpoint
 from forwarder.redact import MASK, Redactor, secret_values
 from tests.leaks import ASCII_SECRET, SECRET, spellings
 
@@ -57,3 +58,10 @@ def test_secrets_are_found_in_nested_settings() -> None:
         name="x", imap=Endpoint(password=SecretStr("a")), smtp=[Endpoint(password=SecretStr("b"))]
     )
     assert sorted(secret_values(settings)) == ["a", "b"]
+
+
+def test_secrets_are_found_in_the_mailboxes() -> None:
+    imap = ImapEndpoint("imap.example.org", 993, "tls", "catchall", SecretStr("imap-pw"))
+    smtp = SmtpEndpoint("smtp.example.org", 587, "starttls", "relay", SecretStr("smtp-pw"))
+    mailbox = Mailbox("default", imap, smtp, {"a@example.org": ("b@example.org",)}, "c@x.org")
+    assert sorted(secret_values((mailbox,))) == ["imap-pw", "smtp-pw"]
