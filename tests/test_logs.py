@@ -256,6 +256,7 @@ def test_the_stderr_line_carries_priority_3_when_stderr_is_the_journal_stream(
 def test_no_priority_prefix_when_journal_stream_names_another_stream(
     mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str], tmp_path: Path
 ) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])  # something to log at info
     other = tmp_path / "other"
     other.touch()
     env_for_subprocess["JOURNAL_STREAM"] = journal_stream_of(other)
