@@ -35,6 +35,10 @@ COMMANDS = {
         "forwarder.dry_run:explain",
         "route one message file against the lists: who would receive it and why",
     ),
+    "baseline": (
+        "forwarder.baseline:baseline",
+        "mark every message now in the folder as handled, without sending (first run)",
+    ),
 }
 
 

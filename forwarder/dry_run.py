@@ -62,7 +62,7 @@ class FolderPlan:
 def reading(settings: Settings) -> Iterator[StateStore]:
     """The state store, read-only; an empty one when the SQLite file does not exist yet
     (a first run: nothing was delivered)."""
-    if not settings.state_db.exists():
+    if settings.state_url is None and not settings.state_db.exists():
         with tempfile.TemporaryDirectory(prefix="forwarder-dry-run-") as tmp:
             empty = SqliteStateStore(Path(tmp) / "empty.db", exclusive=False)
             try:

@@ -114,3 +114,7 @@ class KeywordsNotSupported(ImapError):
 
 class StateError(ForwarderError, OSError):
     """The state store cannot be read or written (disk full, permissions)."""
+
+
+class StoreBusy(StateError):
+    """Another forwarder process holds the state store (the SQLite file's lock)."""

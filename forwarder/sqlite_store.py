@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from forwarder import sqlite_ops, sqlite_schema
-from forwarder.errors import StateError
+from forwarder.errors import StateError, StoreBusy
 from forwarder.mailbox import DEFAULT_MAILBOX
 from forwarder.sqlite_report import read_report
 from forwarder.state import (
@@ -137,7 +137,7 @@ class SqliteStateStore:
             lockfile.seek(0)
             owner = lockfile.read().strip() or "unknown"
             lockfile.close()
-            raise StateError(
+            raise StoreBusy(
                 f"state store {self.path} is in use by another forwarder process (pid {owner})",
                 advice="run one instance per state file",
                 settings=("FORWARDER_STATE_DB",),

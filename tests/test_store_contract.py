@@ -410,6 +410,8 @@ def test_requeue_leaves_a_pending_delivery_alone(store: StateStore) -> None:
     assert done.deliveries == ()
     [claim] = store.claim(BOX, [request_for("k", "a@x.org")], "two", T0 + 2, LEASE)
     assert claim.won == frozenset()  # still under "one"'s claim
+
+
 def claim_concurrently(
     store: StateStore, requests: list[ClaimRequest], now: float
 ) -> list[tuple[str, str]]:
