@@ -15,12 +15,12 @@ marked; final records are kept as they are.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TextIO
 
 from forwarder.config import Settings
@@ -28,7 +28,7 @@ from forwarder.errors import EXIT_OK, ForwarderError, StateError
 from forwarder.exclusive import exclusive
 from forwarder.imap_source import FORWARDED, ImapSource
 from forwarder.mailbox import Mailbox
-from forwarder.service import report, select_mailboxes
+from forwarder.service import in_folder, report, select_mailboxes
 from forwarder.state import StateStore, UidRecord, UidState
 
 REASON = "forwarder baseline"
@@ -116,19 +116,9 @@ async def baseline(
         boxes = select_mailboxes(settings, mailbox)
         with exclusive(settings, boxes) as store:
             for box in boxes:
-                done = await _baseline_one(settings, box, store, force, clock())
+                work = partial(mark_baseline, store=store, mailbox=box, force=force, now=clock())
+                done = await in_folder(settings, box, work)
                 out.write(render(done))
     except ForwarderError as exc:
         return report(exc, "baseline_failed")
     return EXIT_OK
-
-
-async def _baseline_one(
-    settings: Settings, mailbox: Mailbox, store: StateStore, force: bool, now: float
-) -> Baselined:
-    source = ImapSource(mailbox.imap, settings.tls_ca_file)
-    try:
-        await asyncio.to_thread(source.connect)
-        return await asyncio.to_thread(mark_baseline, source, store, mailbox, force, now)
-    finally:
-        await asyncio.to_thread(source.close)

@@ -39,6 +39,14 @@ COMMANDS = {
         "forwarder.baseline:baseline",
         "mark every message now in the folder as handled, without sending (first run)",
     ),
+    "retry": (
+        "forwarder.requeue:retry",
+        "put failed or deferred deliveries back in play for the next cycle",
+    ),
+    "history": (
+        "forwarder.history:history",
+        "what the state store knows of a message, a member or a list (read-only)",
+    ),
 }
 
 

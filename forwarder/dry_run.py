@@ -11,7 +11,6 @@ the same for one message file, from the lists configuration alone.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -38,7 +38,7 @@ from forwarder.preview import (
     summary,
     with_deliveries,
 )
-from forwarder.service import report, select_mailboxes
+from forwarder.service import in_folder, report, select_mailboxes
 from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import DeliveryQuery, DeliveryRow, StateStore
 
@@ -196,7 +196,15 @@ async def dry_run(
     try:
         boxes = select_mailboxes(settings, mailbox)
         with reading(settings) as store:
-            plans = [await _survey_one(settings, box, store, clock()) for box in boxes]
+            plans = [
+                await in_folder(
+                    settings,
+                    box,
+                    partial(survey, store=store, mailbox=box, settings=settings, now=clock()),
+                    readonly=True,
+                )
+                for box in boxes
+            ]
     except ForwarderError as exc:
         return report(exc, "dry_run_failed")
     if as_json:
@@ -204,18 +212,6 @@ async def dry_run(
     else:
         out.write("".join(render_folder(p) for p in plans))
     return EXIT_OK
-
-
-async def _survey_one(
-    settings: Settings, mailbox: Mailbox, store: StateStore, now: float
-) -> FolderPlan:
-    source = ImapSource(mailbox.imap, settings.tls_ca_file)
-    source.readonly = True
-    try:
-        await asyncio.to_thread(source.connect)
-        return await asyncio.to_thread(survey, source, store, mailbox, settings, now)
-    finally:
-        await asyncio.to_thread(source.close)
 
 
 async def explain(

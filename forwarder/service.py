@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TextIO
+from collections.abc import Callable
+from typing import TextIO, TypeVar
 
 import structlog
 
@@ -13,11 +14,13 @@ from forwarder.config import Settings
 from forwarder.cycle import Forwarder
 from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import build_forwarder, open_store, store_label
+from forwarder.imap_source import ImapSource
 from forwarder.logs import print_error
 from forwarder.mailbox import Mailbox
 from forwarder.state import StateStore
 
 log = structlog.get_logger("forwarder")
+T = TypeVar("T")
 
 
 def report(exc: ForwarderError, event: str) -> int:
@@ -37,6 +40,24 @@ def select_mailboxes(settings: Settings, name: str | None) -> tuple[Mailbox, ...
         known = ", ".join(m.name for m in boxes)
         raise ConfigError(f"--mailbox {name}: no such mailbox (configured: {known})")
     return chosen
+
+
+async def in_folder(
+    settings: Settings,
+    mailbox: Mailbox,
+    work: Callable[[ImapSource], T],
+    *,
+    readonly: bool = False,
+) -> T:
+    """Log in to the mailbox's folder (EXAMINE when `readonly`), run the blocking `work`
+    with that session in a thread, log out."""
+    source = ImapSource(mailbox.imap, settings.tls_ca_file)
+    source.readonly = readonly
+    try:
+        await asyncio.to_thread(source.connect)
+        return await asyncio.to_thread(work, source)
+    finally:
+        await asyncio.to_thread(source.close)
 
 
 async def run_once(
