@@ -11,7 +11,6 @@ the same for one message file, from the lists configuration alone.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, ForwarderError
 from forwarder.factory import open_store
 from forwarder.imap_source import FORWARD_FAILED, FORWARDED, ImapSource
+from forwarder.logs import escape_controls, print_error, printable_json
 from forwarder.mailbox import Mailbox
 from forwarder.plan import fetch_batches, seen_before
 from forwarder.preview import (
@@ -208,9 +208,9 @@ async def dry_run(
     except ForwarderError as exc:
         return report(exc, "dry_run_failed")
     if as_json:
-        out.write(json.dumps({"mailboxes": [p.as_dict() for p in plans]}) + "\n")
+        out.write(printable_json({"mailboxes": [p.as_dict() for p in plans]}) + "\n")
     else:
-        out.write("".join(render_folder(p) for p in plans))
+        out.write(escape_controls("".join(render_folder(p) for p in plans), keep="\n"))
     return EXIT_OK
 
 
@@ -228,16 +228,16 @@ async def explain(
         boxes = select_mailboxes(settings, mailbox)
         raw = _read_message(path, stdin)
     except ForwarderError as exc:
-        print(f"forwarder: {exc}", file=sys.stderr)
+        print_error(f"forwarder: {exc}")
         return exc.exit_status
     plans = {box.name: routed(None, raw, box.lists)[0] for box in boxes}
     if as_json:
-        out.write(json.dumps({name: p.as_dict() for name, p in plans.items()}) + "\n")
+        out.write(printable_json({name: p.as_dict() for name, p in plans.items()}) + "\n")
         return EXIT_OK
     for name, plan in plans.items():
         heading = f"{path} (mailbox {name}'s lists)" if len(plans) > 1 else path
-        out.write(f"{heading}\n")
-        out.write("\n".join(render(plan)) + "\n")
+        out.write(escape_controls(heading) + "\n")
+        out.write(escape_controls("\n".join(render(plan)), keep="\n") + "\n")
     out.write(
         "(routing only: the state store is not read; `forwarder history MESSAGE-ID` "
         "shows who already received it)\n"

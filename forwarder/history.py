@@ -9,7 +9,6 @@ so "did bob receive the message from the tax office on Monday?" is
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import open_store
 from forwarder.headers import Headers, message_id
+from forwarder.logs import escape_controls, print_error, printable_json
 from forwarder.preview import reply_text
 from forwarder.reporting import iso
 from forwarder.service import select_mailboxes
@@ -193,7 +193,7 @@ async def history(
         finally:
             store.close()
     except ForwarderError as exc:
-        print(f"forwarder: {exc}", file=sys.stderr)
+        print_error(f"forwarder: {exc}")
         return exc.exit_status
     if as_json:
         payload: dict[str, Any] = {
@@ -202,7 +202,7 @@ async def history(
             "since": iso(start),
             "messages": [asdict(m) for m in messages],
         }
-        out.write(json.dumps(payload, ensure_ascii=False) + "\n")
+        out.write(printable_json(payload) + "\n")
     else:
-        out.write(render(query, matched, messages, iso(start)))
+        out.write(escape_controls(render(query, matched, messages, iso(start)), keep="\n"))
     return EXIT_OK

@@ -27,6 +27,7 @@ from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, ConfigError, ForwarderError, StateError
 from forwarder.exclusive import exclusive
 from forwarder.history import normalize_message_id
+from forwarder.logs import escape_controls
 from forwarder.preview import reply_text
 from forwarder.reporting import iso
 from forwarder.service import report, select_mailboxes
@@ -121,7 +122,7 @@ async def retry(
         with exclusive(settings, boxes) as store:
             for box in boxes:
                 lines = requeue_mailbox(store, box.name, query, uid, clock())
-                out.write("\n".join(lines) + "\n")
+                out.write(escape_controls("\n".join(lines), keep="\n") + "\n")
     except ForwarderError as exc:
         return report(exc, "retry_failed")
     return EXIT_OK

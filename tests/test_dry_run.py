@@ -226,3 +226,11 @@ async def test_dry_run_on_a_folder_never_seen_leaves_out_messages_already_forwar
     box = await preview_json(settings)
     assert box["new"] == 1
     assert [m["uid"] for m in box["messages"]] == [max(u for u, _, _ in mailbox.messages())]
+
+
+async def test_dry_run_escapes_control_characters_from_the_message(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    mailbox.deliver(build_message(message_id="<evil\x1b[2Jid@x>"), ["contact@example.org"])
+    text = await preview(settings)
+    assert "\x1b" not in text and "<evil\\x1b[2jid@x>" in text

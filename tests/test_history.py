@@ -160,3 +160,11 @@ def test_history_is_a_command(
     assert result.returncode == 0, result.stderr
     [message] = json.loads(result.stdout)["messages"]
     assert [d["member"] for d in message["deliveries"]] == ["alice@example.org"]
+
+
+async def test_history_escapes_control_characters_from_the_message(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    await forward(mailbox, settings, MONDAY, message_id="<evil\x1b[2Jid@x>")
+    text = await show(settings, "bob@example.org")
+    assert "\x1b" not in text and "<evil\\x1b[2jid@x>" in text
