@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, SecretStr
 
+from forwarder.config import load_settings
 from forwarder.mailbox import ImapEndpoint, Mailbox, SmtpEndpoint
 from forwarder.redact import MASK, Redactor, secret_values
 from tests.leaks import ASCII_SECRET, SECRET, spellings
@@ -65,3 +66,23 @@ def test_secrets_are_found_in_the_mailboxes() -> None:
     smtp = SmtpEndpoint("smtp.example.org", 587, "starttls", "relay", SecretStr("smtp-pw"))
     mailbox = Mailbox("default", imap, smtp, {"a@example.org": ("b@example.org",)}, "c@x.org")
     assert sorted(secret_values((mailbox,))) == ["imap-pw", "smtp-pw"]
+
+
+def test_every_secret_setting_is_registered_with_the_password_of_the_state_url() -> None:
+    settings = load_settings(
+        _env_file=None,
+        imap_host="imap.example.org",
+        imap_username="catchall@example.org",
+        imap_password="imap-pässword",
+        smtp_host="smtp.example.org",
+        smtp_username="relay@example.org",
+        smtp_password="smtp-pässword",
+        lists={"contact@example.org": ["alice@example.org"]},
+        state_url="postgresql://forwarder:url-p%C3%A4ss@db.example.org/mail",
+        state_password="state-pässword",
+    )
+    redactor = Redactor()
+    for secret in secret_values(settings):
+        redactor.register(secret)
+    for password in ("imap-pässword", "smtp-pässword", "url-päss", "state-pässword"):
+        assert redactor.scrub(f"<{password}>") == f"<{MASK}>"
