@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from forwarder.addresses import is_valid_address
 from forwarder.errors import ConfigError
+from forwarder.esmtp import check_helo_name
 from forwarder.lists import (
     allowed_domains,
     expand_lists,
@@ -83,6 +84,7 @@ class Settings(BaseSettings):
     smtp_security: Security = "starttls"
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
+    smtp_helo_name: str | None = None  # EHLO name; unset: the FQDN, else an address literal
 
     lists: Annotated[dict[str, tuple[str, ...]], NoDecode]
     lists_file: Path | None = None  # the same JSON in a file: for more than a few hundred lists
@@ -137,7 +139,9 @@ class Settings(BaseSettings):
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("smtp_username", "envelope_sender", "tls_ca_file", mode="before")
+    @field_validator(
+        "smtp_username", "envelope_sender", "tls_ca_file", "smtp_helo_name", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -176,6 +180,11 @@ class Settings(BaseSettings):
             if domain != "*" and not re.fullmatch(r"[a-z0-9.-]+\.?[a-z0-9-]*", domain):
                 raise ValueError(f"{domain!r} is not a domain name")
         return domains
+
+    @field_validator("smtp_helo_name")
+    @classmethod
+    def _helo_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_helo_name(value)
 
     @field_validator("tls_ca_file")
     @classmethod
@@ -270,6 +279,7 @@ class Settings(BaseSettings):
             password=self.smtp_password,
             timeout=self.smtp_timeout,
             connections=self.smtp_connections,
+            helo_name=self.smtp_helo_name,
         )
 
     def mailboxes(self) -> tuple[Mailbox, ...]:

@@ -45,6 +45,7 @@ class SmtpEndpoint:
     password: SecretStr | None = None
     timeout: float = 600.0
     connections: int = 4
+    helo_name: str | None = None  # FORWARDER_SMTP_HELO_NAME; None: the FQDN or an address literal
 
     @property
     def server(self) -> str:
