@@ -82,6 +82,15 @@ class SmtpError(ServerError):
     """The SMTP server could not be reached or refused the session."""
 
 
+class SubmissionRefused(SmtpError):
+    """The SMTP server refuses the forwarder itself, not a member: its envelope sender, its
+    login or its permission to relay, for every recipient of a transaction.
+
+    Nothing is recorded for those members: they stay due and get the message once the
+    configuration (ours or the server's) is fixed. `settings` names what to check.
+    """
+
+
 class AuthError(ServerError, PermissionError):
     """A server refused the login: waiting will not fix it."""
 

@@ -175,3 +175,12 @@ def concern(code: int, text: str) -> Concern:
         if pattern.search(text):
             return about
     return Concern.MEMBER
+
+
+def about_the_message(reply: Reply) -> bool:
+    """A MAIL FROM refusal that concerns this message's size or content, not its sender:
+    552, X.2.3 (message length exceeds a limit), X.3.4 (too big), X.6.x (content)."""
+    status = enhanced_status(reply.text)
+    if reply.code == ReplyCode.EXCEEDED_STORAGE:
+        return True
+    return status is not None and (status[1:] in ((2, 3), (3, 4)) or status[1] == 6)

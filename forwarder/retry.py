@@ -1,8 +1,15 @@
-"""What an SMTP reply means for one member: delivered, deferred until when, or failed. Pure."""
+"""What an SMTP reply means for one member: delivered, deferred until when, or failed. Pure.
+
+A permanent refusal fails the member at once, unless it is about the forwarder
+itself (its envelope sender, login or relay permission: `forwarder.replies`).
+Given to every recipient of a transaction such a refusal stops the cycle
+(`SubmissionRefused`); given to some only, it is retried like a 4xx, since the
+fix is a configuration change, not the member's.
+"""
 
 from __future__ import annotations
 
-from forwarder.smtp_relay import Reply
+from forwarder.replies import Reply
 from forwarder.state import Delivery, MemberState, Status
 
 FIRST_RETRY = 60.0
@@ -25,7 +32,7 @@ def classify(
 ) -> Delivery:
     if reply.accepted:
         return Delivery(member, address, Status.DELIVERED, reply.code, reply.text)
-    if not reply.transient:
+    if not reply.transient and not reply.about.ours:
         return Delivery(member, address, Status.FAILED, reply.code, reply.text)
     attempts = (previous.attempts if previous else 0) + 1
     first_try = previous.first_try if previous else now

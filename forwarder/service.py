@@ -12,7 +12,7 @@ import structlog
 
 from forwarder.config import Settings
 from forwarder.cycle import Forwarder
-from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
+from forwarder.errors import EXIT_OK, EXIT_RUNTIME, ConfigError, ForwarderError
 from forwarder.factory import build_forwarder, open_store, store_label
 from forwarder.imap_source import ImapSource
 from forwarder.logs import print_error
@@ -147,7 +147,16 @@ async def _check_smtp(forwarder: Forwarder, mailbox: Mailbox, out: TextIO) -> in
     smtp = forwarder.smtp.describe_capabilities()
     print(
         f"{forwarder.smtp.server}: {'login' if mailbox.smtp.username else 'connection'} "
-        f"ok, size limit {smtp.get('size_limit') or 'none'}",
+        f"ok, size limit {smtp.get('size_limit') or 'none'}, "
+        f"8BITMIME {'yes' if smtp.get('8bitmime') else 'no (8-bit messages fail)'}, "
+        f"EHLO {smtp.get('ehlo_name')}",
         file=out,
     )
-    return EXIT_OK
+    try:  # the path for real: MAIL FROM the envelope sender, RCPT TO a member per domain
+        replies = await forwarder.smtp.probe(mailbox.envelope_sender, mailbox.lists)
+    except ForwarderError as exc:
+        return report(exc, "check_failed")
+    for rcpt, reply in replies.items():
+        said = "ok" if reply.accepted else f"refused ({reply.code} {reply.text})"
+        print(f"  MAIL FROM {mailbox.envelope_sender}, RCPT TO {rcpt}: {said}", file=out)
+    return EXIT_OK if all(reply.accepted for reply in replies.values()) else EXIT_RUNTIME

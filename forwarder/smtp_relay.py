@@ -1,50 +1,44 @@
 """Re-sending over SMTP (aiosmtplib): one transaction per message, per-recipient results.
 
 The relay reports what the server answered for each recipient; it decides
-nothing about retries. Connection-level failures raise `SmtpError`: the caller
+nothing about retries. Connection-level failures raise `SmtpError`, and a
+refusal of the forwarder itself (its envelope sender, login or relay
+permission, given to every recipient) raises `SubmissionRefused`: the caller
 records nothing for that message and tries again on the next cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 from aiosmtplib import (
-    SMTPAuthenticationError,
     SMTPException,
     SMTPRecipientRefused,
-    SMTPResponseException,
     SMTPSenderRefused,
     SMTPServerDisconnected,
 )
 
-from forwarder.errors import SmtpAuthError, SmtpError
+from forwarder.errors import SmtpError, SubmissionRefused
+from forwarder.esmtp import (
+    EIGHT_BIT_REFUSED,
+    NON_ASCII_REFUSED,
+    eight_bit_refused,
+    mail_options,
+    size_limit,
+    utf8_envelope,
+)
 from forwarder.mailbox import SmtpEndpoint
-from forwarder.tls import tls_context
+from forwarder.replies import Reply, ReplyCode, about_the_message
+from forwarder.smtp_errors import submission_refused, transaction_error
+from forwarder.smtp_session import CONNECT_TIMEOUT, open_session
 from forwarder.wire import PIECE, data_pieces
 
-CONNECT_TIMEOUT = 60.0  # RFC 5321 4.5.3.2: 5 minutes for most commands; connecting is quicker
-
-
-@dataclass(frozen=True)
-class Reply:
-    """The server's answer for one recipient: the RCPT reply if refused, else the DATA reply."""
-
-    code: int
-    text: str
-
-    @property
-    def accepted(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def transient(self) -> bool:
-        return 400 <= self.code < 500
+__all__ = ["Reply", "SmtpPool", "SmtpRelay", "probe_recipients"]
 
 
 class SmtpRelay:
@@ -54,6 +48,9 @@ class SmtpRelay:
         self.endpoint = endpoint
         self.ca_file = ca_file
         self.server = endpoint.server
+        # FORWARDER_SMTP_TIMEOUT bounds connecting and each command before MAIL too.
+        self.connect_timeout = min(CONNECT_TIMEOUT, endpoint.timeout)
+        self.ehlo_name = ""
         self._smtp: aiosmtplib.SMTP | None = None
 
     @property
@@ -61,42 +58,9 @@ class SmtpRelay:
         return self._smtp is not None and self._smtp.is_connected
 
     async def connect(self) -> None:
-        s = self.endpoint
-        smtp = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            use_tls=s.security == "tls",
-            start_tls=False,  # done below, so that a missing STARTTLS gets a clear error
-            tls_context=tls_context(self.ca_file, s.security),
-            timeout=CONNECT_TIMEOUT,
+        self._smtp, self.ehlo_name = await open_session(
+            self.endpoint, self.ca_file, self.connect_timeout
         )
-        try:
-            await smtp.connect()
-            await smtp.ehlo()  # now: SIZE, 8BITMIME and STARTTLS are known before MAIL
-            if s.security == "starttls":
-                if not smtp.supports_extension("starttls"):
-                    smtp.close()
-                    raise SmtpError(
-                        f"{self.server}: STARTTLS is not offered; refusing to send without TLS "
-                        "(use FORWARDER_SMTP_SECURITY=tls if it has SMTPS on port 465)"
-                    )
-                await smtp.starttls()
-                await smtp.ehlo()
-            if s.username:
-                password = s.password.get_secret_value() if s.password else ""
-                await smtp.login(s.username, password)
-        except SmtpError:
-            raise
-        except SMTPAuthenticationError as exc:
-            smtp.close()
-            raise SmtpAuthError(
-                f"{self.server} refused the login of {s.username} ({exc.code}); check "
-                "FORWARDER_SMTP_USERNAME and FORWARDER_SMTP_PASSWORD"
-            ) from None
-        except (TimeoutError, SMTPException, OSError) as exc:
-            smtp.close()
-            raise SmtpError(f"{self.server}: {_describe(exc)}") from None
-        self._smtp = smtp
 
     async def send(
         self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
@@ -107,48 +71,95 @@ class SmtpRelay:
         for the final reply) covers the whole transaction: a timer per command would cost
         a task per command.
         """
+        return await self._guarded(self._transaction(mail_from, recipients, prefix, raw))
+
+    async def probe(self, mail_from: str, recipients: Sequence[str]) -> dict[str, Reply]:
+        """MAIL FROM and RCPT TO each recipient, then RSET: nothing is sent.
+
+        Returns each recipient's RCPT reply; raises SubmissionRefused, as `send` would,
+        when the server refuses the forwarder itself.
+        """
+        return await self._guarded(self._probe(mail_from, recipients))
+
+    async def _guarded(self, work: Coroutine[Any, Any, dict[str, Reply]]) -> dict[str, Reply]:
         try:
             async with asyncio.timeout(self.endpoint.timeout):
-                return await self._transaction(mail_from, recipients, prefix, raw)
+                return await work
+        except SubmissionRefused:
+            # The link is fine, but a new session is needed to see a fixed configuration
+            # (Postfix's smtpd reads a rebuilt sender map only between connections).
+            await self.close()
+            raise
         except SmtpError:
             self.drop()
             raise
         except TimeoutError:
             self.drop()
             raise SmtpError(
-                f"{self.server}: no reply within {self.endpoint.timeout:g} s "
-                "(FORWARDER_SMTP_TIMEOUT); the message will be sent again"
+                f"no reply within {self.endpoint.timeout:g} s",
+                server=self.server,
+                advice="the message will be sent again",
+                settings=("FORWARDER_SMTP_TIMEOUT",),
             ) from None
         except (SMTPException, OSError) as exc:
             self.drop()
-            raise SmtpError(f"{self.server}: {_describe(exc)}") from None
+            raise transaction_error(exc, server=self.server) from None
 
     async def _transaction(
         self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
     ) -> dict[str, Reply]:
-        refused = await self._mail(mail_from, recipients, prefix, raw)
-        if refused is not None:
-            return refused
+        replies, accepted = await self._envelope(mail_from, recipients, prefix, raw)
+        if accepted:
+            smtp = self._smtp
+            assert smtp is not None
+            replies.update(dict.fromkeys(accepted, await self._data(smtp, prefix, raw)))
+        return replies
+
+    async def _probe(self, mail_from: str, recipients: Sequence[str]) -> dict[str, Reply]:
+        replies, accepted = await self._envelope(mail_from, recipients, None, None)
+        if accepted:
+            await self._reset()
+        return {r: accepted.get(r) or replies[r] for r in recipients}
+
+    async def _envelope(
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        prefix: bytes | None,
+        raw: bytes | None,
+    ) -> tuple[dict[str, Reply], dict[str, Reply]]:
+        """MAIL FROM and the RCPTs: the replies of the refused and of the accepted recipients.
+
+        Without a message (a probe), MAIL FROM carries no SIZE or BODY.
+        """
+        accepted: dict[str, Reply] = {}
+        replies = await self._mail(mail_from, recipients, prefix, raw)
+        if replies is not None:
+            return replies, accepted
         smtp = self._smtp
         assert smtp is not None
-        replies: dict[str, Reply] = {}
+        utf8 = smtp.supports_extension("smtputf8")
+        replies = {r: NON_ASCII_REFUSED for r in recipients if not r.isascii() and not utf8}
         for rcpt in recipients:
+            if rcpt in replies:
+                continue
             try:
-                await smtp.rcpt(rcpt, timeout=None)
+                response = await smtp.rcpt(
+                    rcpt, encoding="utf-8" if utf8 else "ascii", timeout=None
+                )
+                accepted[rcpt] = Reply(response.code, response.message)
             except SMTPRecipientRefused as exc:
                 replies[rcpt] = Reply(exc.code, exc.message)
-        accepted = [r for r in recipients if r not in replies]
         if not accepted:
             await self._reset()
-            return replies
-        final = await self._data(smtp, prefix, raw)
-        replies.update(dict.fromkeys(accepted, final))
-        return replies
+            if all(reply.about.ours for reply in replies.values()):
+                raise self._refused(mail_from, next(iter(replies.values())))
+        return replies, accepted
 
     async def _data(self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes) -> Reply:
         """DATA, streamed: pieces are written as the socket drains, never a whole copy."""
         response = await smtp.execute_command(b"DATA", timeout=None)
-        if response.code != 354:
+        if response.code != ReplyCode.START_DATA:
             return Reply(response.code, response.message)
         protocol = smtp.protocol
         assert protocol is not None
@@ -166,27 +177,45 @@ class SmtpRelay:
         return Reply(response.code, response.message)
 
     async def _mail(
-        self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        prefix: bytes | None,
+        raw: bytes | None,
     ) -> dict[str, Reply] | None:
         """MAIL FROM, on a fresh connection if the reused one went stale (nothing sent yet).
 
         Returns replies for every recipient when the transaction cannot start for this
-        message (too large, or refused with 4xx/552); None when it may go on.
+        message (too large, 8-bit without 8BITMIME, or a 4xx or size refusal); None when
+        it may go on. A refusal of the envelope sender raises SubmissionRefused.
         """
+        size = len(prefix) + len(raw) if prefix is not None and raw is not None else None
+        eight_bit = raw is not None and not raw.isascii()  # the prefix is ASCII
         for attempt in (1, 2):
             if not self.connected:
                 await self.connect()
             smtp = self._smtp
             assert smtp is not None
-            limit = _size_limit(smtp)
-            size = len(prefix) + len(raw)
-            if limit and size > limit:
+            offered = smtp.esmtp_extensions
+            limit = size_limit(offered)
+            if size is not None and limit and size > limit:
                 text = f"message size {size} exceeds the server's limit of {limit}"
-                return dict.fromkeys(recipients, Reply(552, text))
+                return dict.fromkeys(recipients, Reply(ReplyCode.EXCEEDED_STORAGE, text))
+            if eight_bit_refused(offered, eight_bit):
+                return dict.fromkeys(recipients, EIGHT_BIT_REFUSED)
+            options = mail_options(
+                offered,
+                size=size,
+                eight_bit=eight_bit,
+                utf8_envelope=utf8_envelope(mail_from, recipients),
+            )
+            if not mail_from.isascii() and "SMTPUTF8" not in options:
+                raise self._refused(mail_from, NON_ASCII_REFUSED)
             try:
                 await smtp.mail(
                     mail_from,
-                    options=_mail_options(smtp, size, raw.isascii()),
+                    options=options,
+                    encoding="utf-8" if "SMTPUTF8" in options else "ascii",
                     timeout=None,  # under the transaction's deadline
                 )
                 return None
@@ -196,13 +225,19 @@ class SmtpRelay:
                     raise
             except SMTPSenderRefused as exc:
                 await self._reset()
-                if 400 <= exc.code < 500 or exc.code == 552:
-                    return dict.fromkeys(recipients, Reply(exc.code, exc.message))
-                raise SmtpError(
-                    f"{self.server} refused the envelope sender {mail_from} ({exc.code} "
-                    f"{exc.message}); check FORWARDER_ENVELOPE_SENDER"
-                ) from None
+                reply = Reply(exc.code, exc.message)
+                if not reply.about.ours and (reply.transient or about_the_message(reply)):
+                    return dict.fromkeys(recipients, reply)
+                raise self._refused(mail_from, reply) from None
         raise AssertionError("unreachable")
+
+    def _refused(self, mail_from: str, reply: Reply) -> SubmissionRefused:
+        return submission_refused(
+            reply,
+            server=self.server,
+            mail_from=mail_from,
+            logged_in=bool(self.endpoint.username),
+        )
 
     async def _reset(self) -> None:
         if self._smtp is not None and self._smtp.is_connected:
@@ -212,8 +247,13 @@ class SmtpRelay:
                 self.drop()
 
     def drop(self) -> None:
+        """Forget a broken or stuck connection at once: abort, no goodbye."""
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
+            if isinstance(smtp.transport, asyncio.Transport):
+                # close() on a TLS transport waits for the peer's close_notify, and leaves
+                # the socket open if the loop ends first; abort() closes it now.
+                smtp.transport.abort()
             smtp.close()
 
     async def close(self) -> None:
@@ -229,9 +269,10 @@ class SmtpRelay:
         if smtp is None:
             return {}
         return {
-            "size_limit": _size_limit(smtp),
+            "size_limit": size_limit(smtp.esmtp_extensions),
             "8bitmime": smtp.supports_extension("8bitmime"),
             "smtputf8": smtp.supports_extension("smtputf8"),
+            "ehlo_name": self.ehlo_name,
         }
 
 
@@ -262,6 +303,13 @@ class SmtpPool:
         finally:
             self._idle.put_nowait(relay)
 
+    async def probe(
+        self, mail_from: str, lists: Mapping[str, Sequence[str]]
+    ) -> dict[str, Reply]:
+        """`SmtpRelay.probe` with the first member of each member domain (`check`)."""
+        async with self.session() as relay:
+            return await relay.probe(mail_from, probe_recipients(lists))
+
     async def close(self) -> None:
         for relay in self.relays:
             await relay.close()
@@ -270,29 +318,11 @@ class SmtpPool:
         return self.relays[0].describe_capabilities()
 
 
-def _size_limit(smtp: aiosmtplib.SMTP) -> int:
-    value = smtp.esmtp_extensions.get("size", "")
-    return int(value) if value.strip().isdigit() else 0
+def probe_recipients(lists: Mapping[str, Sequence[str]]) -> list[str]:
+    """The first member (lists in address order) of each distinct member domain."""
+    first: dict[str, str] = {}
+    for _, members in sorted(lists.items()):
+        for member in members:
+            first.setdefault(member.rpartition("@")[2].lower(), member)
+    return list(first.values())
 
-
-def _mail_options(smtp: aiosmtplib.SMTP, size: int, ascii_only: bool) -> list[str]:
-    options: list[str] = []
-    if smtp.supports_extension("size"):
-        options.append(f"SIZE={size}")
-    if not ascii_only:
-        if smtp.supports_extension("8bitmime"):
-            options.append("BODY=8BITMIME")
-        if smtp.supports_extension("smtputf8"):
-            options.append("SMTPUTF8")
-    return options
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused; check FORWARDER_SMTP_HOST and FORWARDER_SMTP_PORT"
-    if isinstance(exc, SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    text = str(exc) or type(exc).__name__
-    if "certificate verify failed" in text.lower():
-        return f"TLS certificate not trusted ({text}); set FORWARDER_TLS_CA_FILE for a private CA"
-    return text

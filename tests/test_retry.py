@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from forwarder.replies import Reply
 from forwarder.retry import FIRST_RETRY, MAX_BACKOFF, backoff, classify
-from forwarder.smtp_relay import Reply
 from forwarder.state import Delivery, MemberState, Status
 
 MEMBER = "bob@example.org"
@@ -183,3 +183,25 @@ def test_a_final_reply_after_deferrals_ends_retrying(code, status):
 def test_a_2xx_after_the_deadline_is_still_delivered():
     previous = deferred(20, NOW - 10 * DAY)
     assert outcome(250, previous).status is Status.DELIVERED
+
+
+# Refusals about the forwarder itself ------------------------------------------------
+
+
+def test_a_5xx_about_our_sender_is_retried_like_a_4xx() -> None:
+    text = "5.7.1 <lists@example.org>: Sender address rejected: not owned by user"
+    result = outcome(553, text=text)
+    assert result.status is Status.DEFERRED
+    assert result.next_try == NOW + FIRST_RETRY
+
+
+def test_a_5xx_about_relaying_fails_only_after_the_retry_window() -> None:
+    first = NOW - RETRY_FOR
+    result = outcome(554, deferred(7, first), text="5.7.1 <x@other.example>: Relay access denied")
+    assert result.status is Status.FAILED
+    assert result.reply.startswith("gave up after 8 attempts")
+
+
+def test_a_5xx_about_the_member_still_fails_at_once() -> None:
+    text = "5.1.1 <bob@example.org>: Recipient address rejected: User unknown"
+    assert outcome(550, text=text).status is Status.FAILED

@@ -69,9 +69,10 @@ class _Handler:
     ) -> list[str]:
         await self._command("EHLO")
         session.host_name = hostname  # aiosmtpd leaves this to a 5-argument EHLO hook
+        hidden = {name.upper() for name in self.sink.hidden_extensions}
         if not self.sink.offer_starttls:
-            responses = [r for r in responses if r[4:].upper() != "STARTTLS"]
-        return responses
+            hidden.add("STARTTLS")
+        return [r for r in responses if (r[4:].upper().split() or [""])[0] not in hidden]
 
     async def handle_MAIL(
         self,
@@ -222,6 +223,8 @@ class SmtpSink(Server):
     Fault injection, changeable at any time from the test thread (the size
     and line limits and the TLS options apply to connections opened later):
 
+    * ``hidden_extensions`` (e.g. ``{"8BITMIME", "SMTPUTF8"}``) leaves those
+      keywords out of the EHLO reply, as an older server would.
     * ``rcpt_responses`` maps a recipient address to the reply for its RCPT
       (e.g. ``"550 5.1.1 no such user"``); ``mail_response`` replaces the reply
       to MAIL FROM and ``data_response`` the reply after DATA (e.g.
@@ -267,6 +270,7 @@ class SmtpSink(Server):
         self.received_then_dropped: list[Received] = []
         self.commands: list[str] = []
         self.rcpt_responses: dict[str, str] = {}
+        self.hidden_extensions: set[str] = set()
         self.mail_response: str | None = None
         self.data_response: str | None = None
         self.disconnect_after_data = 0
@@ -344,6 +348,7 @@ class SmtpSink(Server):
             self.commands.clear()
             self.disconnect_after_data = 0
         self.rcpt_responses.clear()
+        self.hidden_extensions.clear()
         self.mail_response = None
         self.data_response = None
         self.delay.clear()
