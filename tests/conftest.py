@@ -28,6 +28,7 @@ pytest_plugins = [
     "tests.servers.dovecot",
     "tests.servers.sink",
     "tests.servers.postgres",
+    "tests.servers.postfix",
     "tests.servers.systemd",
     "tests.servers.journald",
     "tests.faults",

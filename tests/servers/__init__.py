@@ -7,6 +7,9 @@
   ``tls_mailserver``, ``tls_mailbox``.
 * :mod:`tests.servers.sink`: :class:`SmtpSink`, an aiosmtpd server recording
   every transaction; fixtures ``smtp_sink``, ``starttls_sink``.
+* :mod:`tests.servers.postfix`: :class:`PostfixServer` (MX and submission) in
+  front of a :class:`DomainMailServer` (Dovecot with a mailbox per person and
+  the catch-all); fixtures ``postfix_domain`` (per session), ``postfix``.
 * :mod:`tests.servers.postgres`: :class:`PostgresCluster`, a private PostgreSQL
   cluster; fixtures ``postgres_cluster`` (per session), ``postgres_db`` (a
   fresh database per test).
@@ -35,6 +38,7 @@ from tests.servers.common import (
 )
 from tests.servers.dovecot import MailServer
 from tests.servers.journald import Journald
+from tests.servers.postfix import DomainMailServer, PostfixServer
 from tests.servers.postgres import PostgresCluster, PostgresDatabase, postgres_bin_dir
 from tests.servers.sink import Received, SinkTls, SmtpSink
 from tests.servers.systemd import Bind, Container
@@ -43,8 +47,10 @@ __all__ = [
     "LOOPBACK",
     "Bind",
     "Container",
+    "DomainMailServer",
     "Journald",
     "MailServer",
+    "PostfixServer",
     "PostgresCluster",
     "PostgresDatabase",
     "Received",
