@@ -17,9 +17,9 @@ test-systemd: venv system-deps
 	bash .ci/system-deps container
 	$(BIN)/python -m pytest -m container
 
-## demo: the real forwarder against a throwaway local Dovecot and SMTP sink
+## demo: the real forwarder against a throwaway local Dovecot and SMTP sink (ARGS=--ops: dry run, baseline, retry, history)
 demo: venv system-deps
-	$(BIN)/python -m tests.demo
+	$(BIN)/python -m tests.demo $(ARGS)
 
 ## soak: the long-running variants
 soak: venv system-deps

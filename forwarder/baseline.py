@@ -28,6 +28,7 @@ from forwarder.errors import EXIT_OK, ForwarderError, StateError
 from forwarder.exclusive import exclusive
 from forwarder.imap_source import FORWARDED, ImapSource
 from forwarder.mailbox import Mailbox
+from forwarder.preview import count
 from forwarder.service import in_folder, report, select_mailboxes
 from forwarder.state import StateStore, UidRecord, UidState
 
@@ -92,7 +93,7 @@ def mark_baseline(
 def render(done: Baselined) -> str:
     where = f"mailbox {done.mailbox}, {done.server}, folder {done.folder!r}"
     line = (
-        f"{where}: {done.marked} messages marked as handled without sending (UIDVALIDITY "
+        f"{where}: {count(done.marked, 'message')} marked as handled without sending (UIDVALIDITY "
         f"{done.uidvalidity}, up to UID {done.watermark}), "
     )
     if not done.keywords:

@@ -32,6 +32,7 @@ from forwarder.preview import (
     ELSEWHERE,
     QUARANTINE,
     MessagePlan,
+    count,
     render,
     render_summary,
     routed,
@@ -169,12 +170,13 @@ def render_folder(plan: FolderPlan) -> str:
     ]
     if plan.watermark is None:
         lines.append(
-            f"  never seen before: the first cycle examines {plan.new} messages; "
+            f"  never seen before: the first cycle examines {count(plan.new, 'message')}; "
             "to start from now without sending old mail, run `forwarder baseline` first"
         )
     else:
         lines.append(
-            f"  {plan.new} new messages above UID {plan.watermark}, {plan.due} open and due"
+            f"  {count(plan.new, 'new message')} above UID {plan.watermark}, "
+            f"{plan.due} open and due"
         )
     for message in plan.messages:
         lines += render(message)

@@ -20,7 +20,7 @@ from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import open_store
 from forwarder.headers import Headers, message_id
 from forwarder.logs import escape_controls, print_error, printable_json
-from forwarder.preview import reply_text
+from forwarder.preview import count, reply_text
 from forwarder.reporting import iso
 from forwarder.service import select_mailboxes
 from forwarder.state import DeliveryQuery, DeliveryRow, StateStore, UidRecord
@@ -155,7 +155,7 @@ def _uid(record: UidRecord) -> UidView:
 def render(query: str, matched: list[str], messages: list[MessageView], since: str | None) -> str:
     window = f" since {since}" if since else ""
     kinds = f" ({', '.join(matched)})" if matched else ""
-    lines = [f"history of {query}{kinds}{window}: {len(messages)} messages"]
+    lines = [f"history of {query}{kinds}{window}: {count(len(messages), 'message')}"]
     for m in messages:
         ident = f"<{m.message_id}>" if m.message_id else "(no Message-ID)"
         lists = f"  to {', '.join(m.lists)}" if m.lists else ""

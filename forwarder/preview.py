@@ -168,6 +168,11 @@ def _judge(address: str, row: DeliveryRow | None, now: float) -> MemberPlan:
     return MemberPlan(address, SKIP, "pending", text)
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 message`, `3 messages`."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def reply_text(code: int | None, reply: str) -> str:
     """A server reply on one line."""
     text = " ".join(reply.split())
@@ -224,7 +229,8 @@ def summary(plans: Sequence[MessagePlan]) -> dict[str, int]:
 def render_summary(counts: Mapping[str, int]) -> str:
     c = counts
     return (
-        f"{c['messages']} messages: {c['to_send']} to send ({c['deliveries']} deliveries), "
+        f"{count(c['messages'], 'message')}: {c['to_send']} to send "
+        f"({count(c['deliveries'], 'delivery', 'deliveries')}), "
         f"{c['nothing_to_send']} with nothing to send, {c['skipped']} not forwarded, "
         f"{c['quarantined']} quarantined, {c['elsewhere']} already $Forwarded elsewhere"
     )

@@ -28,7 +28,7 @@ from forwarder.errors import EXIT_OK, ConfigError, ForwarderError, StateError
 from forwarder.exclusive import exclusive
 from forwarder.history import normalize_message_id
 from forwarder.logs import escape_controls
-from forwarder.preview import reply_text
+from forwarder.preview import count, reply_text
 from forwarder.reporting import iso
 from forwarder.service import report, select_mailboxes
 from forwarder.state import DeliveryQuery, DeliveryRow, StateStore, Status
@@ -70,19 +70,22 @@ def requeue_mailbox(
         now,
     )
     requeued = set(done.deliveries)
-    lines = [
-        f"mailbox {name}: {len(requeued)} deliveries re-queued, due now (the next cycle sends them)"
-    ]
+    if not requeued and not done.reopened:
+        lines = [f"mailbox {name}: nothing to re-queue (no failed or deferred delivery matches)"]
+    else:
+        lines = [
+            f"mailbox {name}: {count(len(requeued), 'delivery', 'deliveries')} re-queued, due "
+            f"now; {count(len(done.reopened), 'message')} reopened: the next cycle fetches "
+            "them again"
+        ]
     lines += [_delivery(r) for r in wanted if (r.message_key, r.member) in requeued]
     for record in done.reopened:
         reason = f": {record.reason}" if record.reason else ""
         lines.append(f"  uid {record.uid} reopened (was {record.state.value}{reason})")
-    if uid is not None and not any(r.uid == uid for r in done.reopened):
-        lines.append(f"  uid {uid} not reopened")
     if gone:
         lines.append(
-            f"  not re-queued: {len(gone)} deliveries whose message is no longer in the "
-            "folder's records (expunged, or its record pruned)"
+            f"  not re-queued: {count(len(gone), 'delivery', 'deliveries')} whose message is "
+            "no longer in the folder's records (expunged, or its record pruned)"
         )
         lines += [_delivery(r) for r in gone]
     return lines

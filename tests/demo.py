@@ -129,4 +129,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if "--ops" in sys.argv[1:]:  # the operator commands: dry run, baseline, retry, history
+        from tests.demo_ops import main as ops
+
+        ops()
+    else:
+        main()

@@ -89,7 +89,7 @@ async def test_baseline_force_marks_what_waits_and_keeps_final_records(
     await forward_once(settings)
     mailbox.deliver(build_message(), ["contact@example.org"])
     status, out = await run_baseline(settings, force=True)
-    assert status == 0 and "1 messages marked" in out
+    assert status == 0 and "1 message marked" in out
     assert list(states(settings, mailbox.uidvalidity()).values()) == [
         UidState.DONE,
         UidState.BASELINE,
@@ -143,7 +143,7 @@ async def test_baseline_on_a_postgresql_store_marks_the_folder(
     settings = make_settings(state_db="", state_url=postgres_db.url)
     mailbox.deliver(build_message(), ["contact@example.org"])
     status, out = await run_baseline(settings)
-    assert status == 0 and "1 messages marked" in out
+    assert status == 0 and "1 message marked" in out
     assert await run_once(settings) == 0
     assert smtp_sink.received == []
 

@@ -64,7 +64,7 @@ async def test_dry_run_prints_who_would_receive_it_and_who_is_left_out(
         "send  alice@example.org",
         "skip  bob@example.org  named in To/Cc: received the original directly",
     ]
-    assert "1 to send (1 deliveries)" in text
+    assert "1 to send (1 delivery)" in text
     assert smtp_sink.received == []
 
 
@@ -181,7 +181,7 @@ async def test_dry_run_reads_next_to_a_running_service(
         text = await preview(settings)
     finally:
         service.close()
-    assert "1 new messages above UID 0, 0 open and due" in text
+    assert "1 new message above UID 0, 0 open and due" in text
     assert "send  alice@example.org" in text
 
 

@@ -52,7 +52,7 @@ async def test_history_of_a_member_answers_did_bob_receive_it_on_monday(
     text = await show(settings, "bob@example.org", since="2026-11-23")
     lines = text.splitlines()
     assert lines[0] == (
-        "history of bob@example.org (member) since 2026-11-23T00:00:00+00:00: 1 messages"
+        "history of bob@example.org (member) since 2026-11-23T00:00:00+00:00: 1 message"
     )
     assert lines[1] == (
         f"<avis-2026@impots>  from {TAX_OFFICE}  to compta@example.org  (mailbox default)"

@@ -48,7 +48,7 @@ async def test_retry_failed_has_the_next_cycle_send_the_failed_delivery(
     assert recipients(smtp_sink) == ["bob@example.org"]  # a failure is final by itself
     status, out = await run_retry(settings, failed=True)
     assert status == 0
-    assert "mailbox default: 1 deliveries re-queued, due now" in out
+    assert "mailbox default: 1 delivery re-queued, due now; 1 message reopened" in out
     assert "  carol@example.org  <test-" in out and "was failed " in out
     assert recipients(smtp_sink) == ["bob@example.org"]  # the command sends nothing
     await forward_once(settings)
@@ -64,7 +64,7 @@ async def test_retry_member_requeues_only_that_members_deliveries(
     await fail_for(mailbox, smtp_sink, settings, "dave@example.org", to="direction@example.org")
     smtp_sink.clear()
     status, out = await run_retry(settings, member="Carol@Example.org")
-    assert status == 0 and "1 deliveries re-queued" in out
+    assert status == 0 and "1 delivery re-queued" in out
     await forward_once(settings)
     assert recipients(smtp_sink) == ["carol@example.org"]
 
@@ -77,7 +77,7 @@ async def test_retry_message_id_requeues_only_that_message(
     smtp_sink.clear()
     status, out = await run_retry(settings, message_id="<first@x>", member="carol@example.org")
     assert status == 0
-    assert "1 deliveries re-queued" in out and "<first@x>" in out
+    assert "1 delivery re-queued" in out and "<first@x>" in out
     await forward_once(settings)
     assert [b"Message-ID: <First@X>" in r.data for r in smtp_sink.received] == [True]
 
@@ -159,8 +159,18 @@ async def test_retry_is_a_command_that_prints_what_it_requeued(
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("{")]
     assert (
-        lines[0] == "mailbox default: 1 deliveries re-queued, due now (the next cycle sends them)"
+        lines[0] == "mailbox default: 1 delivery re-queued, due now; 1 message reopened: the "
+        "next cycle fetches them again"
     )
     assert "(550 5.1.1 no such user), attempts 1" in lines[1]
     assert lines[2].endswith("reopened (was failed)")
     assert recipients(smtp_sink) == ["bob@example.org"]  # nothing sent by the command
+
+
+async def test_retry_says_when_nothing_matches(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    await fail_for(mailbox, smtp_sink, settings, "carol@example.org")
+    status, out = await run_retry(settings, member="zoe@example.org")
+    assert status == 0
+    assert out == "mailbox default: nothing to re-queue (no failed or deferred delivery matches)\n"
