@@ -11,6 +11,7 @@ the same for one message file, from the lists configuration alone.
 
 from __future__ import annotations
 
+import math
 import sys
 import tempfile
 import time
@@ -39,9 +40,10 @@ from forwarder.preview import (
     summary,
     with_deliveries,
 )
+from forwarder.reporting import iso
 from forwarder.service import in_folder, report, select_mailboxes
 from forwarder.sqlite_store import SqliteStateStore
-from forwarder.state import DeliveryQuery, DeliveryRow, StateStore
+from forwarder.state import DeliveryQuery, DeliveryRow, StateStore, UidRecord
 
 
 @dataclass
@@ -54,6 +56,7 @@ class FolderPlan:
     new: int  # messages above the watermark (first sight: to examine)
     due: int  # open messages whose time has come
     messages: list[MessagePlan] = field(default_factory=list)
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # open, not due: {uid, due}
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "summary": summary(self.messages)}
@@ -86,6 +89,7 @@ def survey(
     uidvalidity = source.uidvalidity
     folder = store.folder(name, uidvalidity)
     elsewhere: set[int] = set()
+    waiting: list[UidRecord] = []
     if folder is None:  # as Forwarder._first_sight decides, without recording
         # The cycle takes every UID where the folder keeps no keyword: there, no message
         # can carry $Forwarded, so this search finds them all (and EXAMINE hides
@@ -101,6 +105,9 @@ def survey(
     else:
         new = source.uids_above(folder.watermark)
         due = store.open_uids(name, uidvalidity, now)
+        later = sorted(set(store.open_uids(name, uidvalidity, math.inf)) - set(due))
+        if later:  # not fetched by the next cycle: a member waits for its retry
+            waiting = store.uid_records(name, uidvalidity, uids=later)
     plan = FolderPlan(
         name,
         source.server,
@@ -109,6 +116,7 @@ def survey(
         folder.watermark if folder else None,
         len(new),
         len(due),
+        waiting=[{"uid": r.uid, "due": iso(r.due)} for r in waiting],
     )
     candidates = sorted(set(new) | set(due))
     if not candidates:
@@ -180,6 +188,8 @@ def render_folder(plan: FolderPlan) -> str:
         )
     for message in plan.messages:
         lines += render(message)
+    for w in plan.waiting:
+        lines.append(f"uid {w['uid']}  not due: a member waits for a retry, next at {w['due']}")
     lines.append(
         f"summary: {render_summary(summary(plan.messages))}; nothing was sent, recorded or flagged"
     )

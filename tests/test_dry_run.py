@@ -92,11 +92,14 @@ async def test_dry_run_judges_members_by_what_the_store_knows(
     smtp_sink.rcpt_responses["carol@example.org"] = "451 4.2.0 carol: mailbox busy"
     start = time.time()
     await forward_once(settings, now=start)
+    [(uid, _, _)] = mailbox.messages()
     mailbox.deliver(raw, ["compta@example.org"])  # a second copy: new, above the watermark
-    copy = member_lines(await preview(settings, now=start + 1))
+    text = await preview(settings, now=start + 1)
+    copy = member_lines(text)
     assert copy[0].startswith("skip  bob@example.org  already delivered ")
     assert copy[1].startswith("skip  carol@example.org  deferred until ")
     assert "(attempt 2, last reply 451 4.2.0 carol: mailbox busy)" in copy[1]
+    assert f"uid {uid}  not due: a member waits for a retry, next at " in text
     due = member_lines(await preview(settings, now=start + LATER))
     retry = "send  carol@example.org  retry (attempt 2, last reply 451 4.2.0 carol: mailbox busy)"
     assert retry in due  # the first copy, open and due now
