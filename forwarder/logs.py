@@ -139,11 +139,18 @@ class _BoundaryFormatter(structlog.stdlib.ProcessorFormatter):
         self.colours = colours
 
     def format(self, record: logging.LogRecord) -> str:
-        text = scrub(super().format(record))  # with the forms the renderer made (\u00e9 ...)
+        return self._boundary(super().format(record), record.levelno)
+
+    def finish(self, logger: Any, method_name: str, rendered: Any) -> str:
+        """Last processor of the forwarder's own events: the same boundary as `format`."""
+        return self._boundary(str(rendered), _LEVELS.get(method_name, logging.INFO))
+
+    def _boundary(self, text: str, levelno: int) -> str:
+        text = scrub(text)  # with the forms the renderer made (\u00e9 ...)
         if self.console:
             text = _CONTROLS.sub(self._escape_rendered, text)
         if self.journal:
-            prefix = f"<{syslog_priority(record.levelno)}>"
+            prefix = f"<{syslog_priority(levelno)}>"
             text = "\n".join(prefix + line for line in text.split("\n"))
         return text
 
@@ -156,6 +163,44 @@ class _BoundaryFormatter(structlog.stdlib.ProcessorFormatter):
             if _COLOUR.match(tail):  # values were escaped already: this is the renderer's
                 return char
         return _escape(match)
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "msg": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "err": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+class _LineWriter:
+    """The structlog logger of the forwarder's own events: writes each rendered line."""
+
+    def __init__(self, handler: logging.StreamHandler[TextIO], name: str | None) -> None:
+        self.handler = handler
+        self.name = name or "forwarder"  # for add_logger_name
+
+    def msg(self, line: str) -> None:
+        handler = self.handler
+        with handler.lock or threading.RLock():  # the library lines' lock: whole lines
+            handler.stream.write(line + "\n")
+            handler.stream.flush()
+
+    debug = info = warning = warn = error = err = exception = critical = fatal = log = msg
+
+
+class _LineWriterFactory:
+    def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self.handler = handler
+
+    def __call__(self, *args: Any) -> _LineWriter:
+        return _LineWriter(self.handler, args[0] if args else None)
 
 
 def print_error(text: str, stream: TextIO | None = None) -> None:
@@ -216,21 +261,24 @@ def configure_logging(
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
         )
         renderer = structlog.processors.JSONRenderer()
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=False,
+    boundary = _BoundaryFormatter(
+        console=console,
+        journal=journal_stream(sys.stdout),
+        colours=colours,
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
+    # The forwarder's own events skip the standard library's logging machinery (a
+    # LogRecord, a handler lock, the chain run again in the formatter): rendered once,
+    # through the same boundary, written with one call. Library lines take the
+    # standard path below, to the same stream.
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(
-        _BoundaryFormatter(
-            console=console,
-            journal=journal_stream(sys.stdout),
-            colours=colours,
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
+    handler.setFormatter(boundary)
+    structlog.configure(
+        processors=[*shared, renderer, boundary.finish],
+        logger_factory=_LineWriterFactory(handler),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
