@@ -12,7 +12,6 @@ back, so those members are due again at once.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from email.utils import formatdate
 
@@ -21,12 +20,14 @@ import structlog
 from forwarder.addresses import normalize
 from forwarder.committer import GroupCommitter
 from forwarder.errors import ForwarderError, StateError
+from forwarder.esmtp import ehlo_name
 from forwarder.mailbox import Mailbox
 from forwarder.plan import Message, claim_request, group_by_key
 from forwarder.reporting import CycleSummary, Reporter
 from forwarder.retry import classify
 from forwarder.routing import Route
 from forwarder.smtp_relay import Reply, SmtpPool
+from forwarder.smtp_session import machine_fqdn
 from forwarder.state import Claim, MemberState, MessageResult, StateStore, Status
 
 log = structlog.get_logger("forwarder.cycle")
@@ -58,7 +59,6 @@ class Dispatcher:
         self.lease = lease
         self.retry_for = retry_for
         self.clock = clock
-        self.hostname = socket.gethostname()
         self.stopping = False  # set by the daemon: finish the transactions in flight only
 
     async def dispatch(
@@ -192,6 +192,9 @@ class Dispatcher:
 
     def _trace(self, decision: Route) -> bytes:
         """The only bytes added to a message: trace and loop lines on top."""
-        lines = [f"Received: by {self.hostname} (forwarder); {formatdate(self.clock())}\r\n"]
+        # This host named as in EHLO (FORWARDER_SMTP_HELO_NAME, else the FQDN, which the
+        # relay looked up, in a thread, when it connected).
+        host = ehlo_name(self.mailbox.smtp.helo_name, machine_fqdn(), None)
+        lines = [f"Received: by {host} (forwarder); {formatdate(self.clock())}\r\n"]
         lines += [f"X-Loop: {address}\r\n" for address in decision.lists]
         return "".join(lines).encode("ascii", "replace")

@@ -114,13 +114,6 @@ class SmtpAuthError(AuthError, SmtpError):
     """The SMTP server refused the submission login."""
 
 
-class KeywordsNotSupported(ImapError):
-    """The folder does not keep the `$Forwarded` keyword (needed until the state store
-    records every UID it has examined)."""
-
-    exit_status = EXIT_CONFIG
-
-
 class StateError(ForwarderError, OSError):
     """The state store cannot be read or written (disk full, permissions)."""
 

@@ -28,7 +28,7 @@ HELO_NAME = "FORWARDER_SMTP_HELO_NAME"
 
 
 @functools.cache
-def _machine_fqdn() -> str:
+def machine_fqdn() -> str:
     return socket.getfqdn()  # may ask the DNS: asked once per process, in a thread
 
 
@@ -40,7 +40,7 @@ async def open_session(
     s, server = endpoint, endpoint.server
     fqdn = s.helo_name
     if fqdn is None:
-        fqdn = await asyncio.to_thread(_machine_fqdn)
+        fqdn = await asyncio.to_thread(machine_fqdn)
     smtp = aiosmtplib.SMTP(
         hostname=s.host,
         port=s.port,
