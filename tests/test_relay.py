@@ -133,7 +133,7 @@ async def test_ehlo_name_is_an_address_literal_on_a_machine_without_a_fqdn(
     make_settings: MakeSettings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(smtp_session, "_machine_fqdn", lambda: "localhost")
+    monkeypatch.setattr(smtp_session, "machine_fqdn", lambda: "localhost")
     deliver(mailbox)
     proxy = FaultProxy(smtp_proxy.target_host, smtp_proxy.target_port, record=True)
     with proxy:
@@ -148,7 +148,7 @@ async def test_ehlo_name_is_the_machines_fqdn_when_it_has_one(
     make_settings: MakeSettings,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(smtp_session, "_machine_fqdn", lambda: "forwarder.example.net")
+    monkeypatch.setattr(smtp_session, "machine_fqdn", lambda: "forwarder.example.net")
     deliver(mailbox)
     with FaultProxy(smtp_sink.host, smtp_sink.port, record=True) as proxy:
         await forward_once(make_settings(smtp_port=proxy.port))
