@@ -135,12 +135,14 @@ class Dispatcher:
             await self._record(message, expired, {}, states, unused, now, summary)
         prefix = self._trace(message.route)
         for start in range(0, len(wanted), MAX_RCPT):
-            if self.committer.failed:
-                raise StateError("a commit failed: nothing more is sent until it is written")
-            if self.stopping:
-                return
             chunk = wanted[start : start + MAX_RCPT]
             async with self.smtp.session() as relay:
+                # Checked once a connection is ours: many messages wait for one, and a
+                # commit may fail (or a stop come) while they wait.
+                if self.committer.failed:
+                    raise StateError("a commit failed: nothing more is sent until it is written")
+                if self.stopping:
+                    return
                 replies = await relay.send(self.mailbox.envelope_sender, chunk, prefix, message.raw)
             await self._record(message, chunk, replies, states, unused, now, summary)
 
