@@ -5,6 +5,10 @@ poll job (every FORWARDER_POLL_INTERVAL seconds: the safety net and the clock of
 deferred retries), by the IMAP IDLE watcher as soon as new mail arrives, and by
 its own backoff after a failure. SIGTERM/SIGINT finish the messages in flight,
 commit, log a summary and exit 0. systemd is told READY, WATCHDOG, STATUS, STOPPING.
+
+On a store shared by several instances (PostgreSQL), a cycle runs only while this
+instance holds the mailbox's lease (`forwarder.mailbox_leases`); it is woken when
+the lease is gained.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from forwarder.config import Settings
 from forwarder.errors import EXIT_OK, AuthError, ForwarderError
-from forwarder.factory import build_forwarder, open_store
+from forwarder.factory import build_forwarder, open_store, owner_id
 from forwarder.idle import IdleWatcher
+from forwarder.mailbox_leases import MailboxLeases
 from forwarder.notify import Notifier
 from forwarder.reporting import CycleSummary
 from forwarder.service import report
@@ -35,7 +40,12 @@ class Daemon:
     def __init__(self, settings: Settings, store: StateStore) -> None:
         self.settings = settings
         self.mailbox = settings.mailboxes()[0]
-        self.forwarder = build_forwarder(settings, self.mailbox, store)
+        owner = owner_id()
+        self.forwarder = build_forwarder(settings, self.mailbox, store, owner=owner)
+        self.leases = MailboxLeases(
+            store, owner, [self.mailbox.name], settings.takeover_after, self.gained
+        )
+        self.held_elsewhere = False
         self.notifier = Notifier.from_env()
         self.wake = asyncio.Event()
         self.stop = asyncio.Event()
@@ -52,6 +62,10 @@ class Daemon:
     async def poll_job(self) -> None:
         self.wake.set()
 
+    def gained(self, mailboxes: set[str]) -> None:
+        self.held_elsewhere = False
+        self.wake.set()
+
     async def run_cycles(self) -> None:
         failures = 0
         while not self.stop.is_set():
@@ -63,6 +77,11 @@ class Daemon:
                 if not self.ready:
                     await self.forwarder.connect()
                     self._ready()
+                if not self.leases.holds(self.mailbox.name):
+                    if not self.held_elsewhere:  # woken again when the lease is gained
+                        log.info("mailbox_held_elsewhere", mailbox=self.mailbox.name)
+                        self.held_elsewhere = True
+                    continue
                 summary = await self.forwarder.run_cycle()
             except AuthError as exc:
                 self.fatal = exc  # does not heal by waiting
@@ -132,6 +151,7 @@ async def run_daemon(settings: Settings) -> int:
 
     idle = IdleWatcher(daemon.mailbox.imap, wake_from_thread, ca_file=settings.tls_ca_file)
     log.info("started", lists=len(daemon.forwarder.lists), poll_interval=settings.poll_interval)
+    await daemon.leases.start()
     scheduler.start()
     idle.start()
     runner = asyncio.create_task(daemon.run_cycles())
@@ -150,6 +170,7 @@ async def run_daemon(settings: Settings) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
         watchdog.cancel()
+        await daemon.leases.stop()
         await asyncio.to_thread(idle.stop)
         await daemon.forwarder.close()
         store.close()
