@@ -432,6 +432,17 @@ class PgStateStore:
             "reading the status", lambda conn: read_report(conn, mailbox, failed_limit)
         )
 
+    def deferred_counts(self) -> dict[str, int]:
+        """Deliveries waiting for a retry now, per mailbox (for the daemon's metrics)."""
+        rows = self._pool.run(
+            "counting deferred deliveries",
+            lambda c: c.execute(
+                "SELECT mailbox, count(*) FROM forwarder.deliveries "
+                "WHERE status = 'deferred' GROUP BY mailbox"
+            ).fetchall(),
+        )
+        return {mailbox: count for mailbox, count in rows}
+
     # Operator commands (forwarder.pg_ops) -----------------------------------------------
 
     def deliveries(

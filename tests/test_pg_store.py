@@ -258,3 +258,16 @@ async def test_status_reads_postgresql_and_names_it_without_the_password(
     text = out.getvalue()
     assert f"state store: {store_label(settings)}\n" in text
     assert "messages 3" in text and postgres_db.password not in text
+
+
+def test_deferred_deliveries_are_counted_per_mailbox(postgres_db: PostgresDatabase) -> None:
+    store = PgStateStore(postgres_db.url)
+    try:
+        for box, members in (("acme", ("a@x.org", "b@x.org")), ("other", ("a@x.org",))):
+            pairs = tuple((m, m) for m in members)
+            store.claim(box, [ClaimRequest("k", None, None, ("l@x.org",), pairs)], "one", T0, 60)
+            later = tuple(Delivery(m, m, Status.DEFERRED, 451, "busy", T0 + 60) for m in members)
+            store.record_results(box, [MessageResult("k", None, ("l@x.org",), later)], T0)
+        assert store.deferred_counts() == {"acme": 2, "other": 1}
+    finally:
+        store.close()
