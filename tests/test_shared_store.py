@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -32,8 +31,8 @@ from forwarder.state import MessageResult
 from tests.conftest import LISTS, MakeSettings
 from tests.mail import build_message
 from tests.servers import MailServer, PostgresDatabase, SmtpSink
+from tests.test_crash import sink_pairs
 
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 TARGETS = [
     ["contact@example.org"],
     ["compta@example.org"],
@@ -50,16 +49,6 @@ def fill(mailbox: MailServer, count: int, tag: str) -> set[tuple[str, str]]:
         mailbox.deliver(build_message(to=", ".join(targets), message_id=f"<{mid}>"), targets)
         expected |= {(mid, m) for t in targets for m in LISTS[t]}
     return expected
-
-
-def sink_pairs(sink: SmtpSink) -> Counter[tuple[str, str]]:
-    pairs: Counter[tuple[str, str]] = Counter()
-    for received in list(sink.received):
-        match = MESSAGE_ID.search(received.data)
-        assert match is not None
-        for rcpt in received.rcpt_tos:
-            pairs[(match.group(1).decode().lower(), rcpt)] += 1
-    return pairs
 
 
 def stored_pairs(db: PostgresDatabase) -> set[tuple[str, str]]:
