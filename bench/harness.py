@@ -223,6 +223,11 @@ class SmtpSinkProcess:
             process.wait()
         raise RuntimeError(f"smtp-sink did not start; see {self.log_path}")
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
@@ -372,15 +377,37 @@ def _reap(
     return process.returncode, usage, killer.fired
 
 
-def run_child(
-    cmd: Sequence[str],
-    *,
-    env: dict[str, str],
-    cwd: Path,
-    name: str,
-    timeout: float,
-) -> ChildRun:
-    """Run `cmd` to completion: wall time from fork to exit, CPU and peak RSS of `cmd`."""
+@dataclass
+class StartedChild:
+    """A child started by `start_child`, not waited for yet."""
+
+    process: subprocess.Popen[bytes]
+    name: str
+    stdout: Path
+    stderr: Path
+    report: Path
+
+    def wait(self, timeout: float) -> ChildRun:
+        returncode, _usage, killed = _reap(self.process, timeout)
+        name, stderr = self.name, self.stderr
+        if killed:
+            raise RuntimeError(f"{name} killed after {timeout} s\n{stderr.read_text()[-2000:]}")
+        if returncode != 0 or not self.report.exists():
+            raise RuntimeError(f"launcher for {name} failed ({returncode})\n{stderr.read_text()}")
+        figures = json.loads(self.report.read_text())
+        return ChildRun(
+            figures["returncode"],
+            figures["wall"],
+            figures["user"],
+            figures["sys"],
+            figures["maxrss_kb"],
+            self.stdout,
+            stderr,
+        )
+
+
+def start_child(cmd: Sequence[str], env: dict[str, str], cwd: Path, name: str) -> StartedChild:
+    """Start `cmd` under the launcher (see above); `wait()` gives its figures."""
     stdout, stderr, report = (cwd / f"{name}.{ext}" for ext in ("out", "err", "rusage"))
     report.unlink(missing_ok=True)
     with open(stdout, "wb") as out, open(stderr, "wb") as err:
@@ -393,21 +420,19 @@ def run_child(
             stderr=err,
             start_new_session=True,
         )
-        returncode, _usage, killed = _reap(process, timeout)
-    if killed:
-        raise RuntimeError(f"{name} killed after {timeout} s\n{stderr.read_text()[-2000:]}")
-    if returncode != 0 or not report.exists():
-        raise RuntimeError(f"launcher for {name} failed ({returncode})\n{stderr.read_text()}")
-    figures = json.loads(report.read_text())
-    return ChildRun(
-        figures["returncode"],
-        figures["wall"],
-        figures["user"],
-        figures["sys"],
-        figures["maxrss_kb"],
-        stdout,
-        stderr,
-    )
+    return StartedChild(process, name, stdout, stderr, report)
+
+
+def run_child(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    name: str,
+    timeout: float,
+) -> ChildRun:
+    """Run `cmd` to completion: wall time from fork to exit, CPU and peak RSS of `cmd`."""
+    return start_child(cmd, env, cwd, name).wait(timeout)
 
 
 def json_events(path: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,9 @@ loopback, fills the catch-all by LMTP and measures, in one run:
    LMTP acceptance -> smtp-sink acceptance;
 3. memory: `forwarder once` on one large message; steady RSS of `forwarder run`;
 4. scale: loading 10,000 lists of 20 members; a cycle against a state store of
-   1,000,000 deliveries versus an empty one.
+   1,000,000 deliveries versus an empty one;
+5. instances: one and two instances on a private PostgreSQL, on one mailbox and on
+   ten (bench/instances.py).
 
 Prints one table and writes it, with the machine, as JSON. Never fails on timing;
 exits 1 only when something did not work (a message not delivered exactly once,
@@ -38,7 +40,7 @@ from typing import Any
 
 from bench import harness as h
 from bench.report import Row, machine, render, source, source_digest, target_row
-from tests.servers import MailServer
+from tests.servers import MailServer, PostgresCluster
 
 LISTS: dict[str, list[str]] = {
     "contact@example.org": ["alice@example.org", "bob@example.org", "carol@example.org"],
@@ -46,7 +48,7 @@ LISTS: dict[str, list[str]] = {
     "direction@example.org": ["dave@example.org"],
 }
 LIST_ADDRESSES = list(LISTS)
-PHASES = ("throughput", "latency", "memory", "scale")
+PHASES = ("throughput", "latency", "memory", "scale", "instances")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("results.json")
 QUICK_RESULTS = Path(__file__).with_name("results-quick.json")
@@ -482,6 +484,14 @@ class Bench:
         self._scale_lists()
         self._scale_store()
 
+    # ------------------------------------------------------------------- 5. instances
+
+    def instances(self) -> None:
+        from bench.instances import Instances
+
+        with PostgresCluster(fsync=True) as cluster:
+            Instances(self, cluster)()
+
     def _big_lists(self) -> dict[str, list[str]]:
         rng = random.Random(20261124)
         domains = ("example.org", "example.net", "example.com")
@@ -909,6 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "latency": bench.latency,
                 "memory": bench.memory,
                 "scale": bench.scale,
+                "instances": bench.instances,
             }
             for phase in PHASES:
                 if phase in opts.phases:

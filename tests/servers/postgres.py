@@ -7,9 +7,10 @@ system's own cluster is neither used nor touched.  The cluster listens on
 127.0.0.1 (password logins, ``scram-sha-256``) and on a Unix socket in its
 directory (``trust``, used by :meth:`PostgresCluster.sql` as the superuser).
 
-It runs with ``fsync = off``: a committed transaction survives a crash of the
-server (``stop(mode="immediate")``), not one of the machine.  Commits are
-otherwise as in production (``synchronous_commit`` is left on).
+It runs with ``fsync = off`` unless ``fsync=True`` (the benchmark): a committed
+transaction survives a crash of the server (``stop(mode="immediate")``), not one
+of the machine.  Commits are otherwise as in production (``synchronous_commit``
+is left on).
 
 Fixtures: ``postgres_cluster`` (one per session) and ``postgres_db`` (a fresh
 database per test, owned by a login role with a password, and its URL).
@@ -122,8 +123,11 @@ class PostgresCluster(Server):
     superuser: str = "postgres"
     user: str = "forwarder"
 
-    def __init__(self, host: str = LOOPBACK, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, host: str = LOOPBACK, start_timeout: float = 60.0, fsync: bool = False
+    ) -> None:
         self.host = host
+        self.fsync = fsync
         self.start_timeout = start_timeout
         self.password = secrets.token_urlsafe(18)
         self.bin_dir = postgres_bin_dir()
@@ -256,9 +260,10 @@ class PostgresCluster(Server):
     # ---------------------------------------------------------------- internals
 
     def _server_options(self) -> str:
+        fsync = "on" if self.fsync else "off"
         return (
             f"-c listen_addresses={self.host} -p {self.port}"
-            f" -c unix_socket_directories={self.socket_dir} -c fsync=off"
+            f" -c unix_socket_directories={self.socket_dir} -c fsync={fsync}"
         )
 
     def _initdb(self) -> None:
