@@ -132,7 +132,9 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
     if version(conn) == VERSION:  # the usual case: no lock needed
         return VERSION
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-    conn.execute("CREATE SCHEMA IF NOT EXISTS forwarder")
+    found = conn.execute("SELECT to_regnamespace('forwarder') IS NOT NULL").fetchone()
+    if not found or not found[0]:  # a schema made by the DBA needs no CREATE on the database
+        conn.execute("CREATE SCHEMA forwarder")
     conn.execute(
         "CREATE TABLE IF NOT EXISTS forwarder.meta (key text PRIMARY KEY, value text NOT NULL)"
     )

@@ -271,3 +271,14 @@ def test_deferred_deliveries_are_counted_per_mailbox(postgres_db: PostgresDataba
         assert store.deferred_counts() == {"acme": 2, "other": 1}
     finally:
         store.close()
+
+
+def test_a_schema_prepared_by_the_administrator_needs_no_create_right_on_the_database(
+    postgres_db: PostgresDatabase,
+) -> None:
+    db = postgres_db
+    db.sql(f'REVOKE CREATE ON DATABASE "{db.name}" FROM "{db.user}", PUBLIC')
+    db.sql(f'ALTER DATABASE "{db.name}" OWNER TO postgres')
+    db.sql(f'CREATE SCHEMA forwarder AUTHORIZATION "{db.user}"')
+    PgStateStore(db.url).close()
+    assert db.sql("SELECT value FROM forwarder.meta") == [(str(pg_schema.VERSION),)]
