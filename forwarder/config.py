@@ -47,11 +47,9 @@ from forwarder.mailbox import (
 
 PREFIX = "FORWARDER_"
 _PG_SCHEMES = ("postgresql://", "postgres://")
-_CREDENTIAL_FILES = {
-    "imap_password": "imap_password",
-    "smtp_password": "smtp_password",
-    "state_password": "state_password",
-}
+_CREDENTIAL_FILES = {"imap_password": "imap_password", "smtp_password": "smtp_password"}
+# Read when present; the provided unit does not load it (PostgreSQL only: a drop-in does).
+_OPTIONAL_CREDENTIAL_FILES = {"state_password": "state_password"}
 
 
 def env_name(field: str) -> str:
@@ -301,7 +299,7 @@ def _credentials() -> dict[str, str]:
     found: dict[str, str] = {}
     if not directory:
         return found
-    for field, filename in _CREDENTIAL_FILES.items():
+    for field, filename in {**_CREDENTIAL_FILES, **_OPTIONAL_CREDENTIAL_FILES}.items():
         path = Path(directory) / filename
         if path.is_file():
             found[field] = path.read_text(encoding="utf-8").rstrip("\r\n")
