@@ -71,7 +71,7 @@ from forwarder.config import load_settings
 t1 = time.perf_counter()
 s = load_settings()
 t2 = time.perf_counter()
-lists = s.expanded_lists()
+lists = s.mailboxes()[0].lists
 t3 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_settings_s": t2 - t1, "expand_s": t3 - t2,
                   "lists": len(lists), "members": sum(len(m) for m in lists.values())}))
@@ -673,10 +673,10 @@ class Bench:
 
     def _time_prune(self, path: Path) -> float:
         """The forwarder's own prune() with its default retention (the rows are all newer)."""
-        from forwarder.config import Settings
+        from forwarder.config import field_default
         from forwarder.sqlite_store import SqliteStateStore
 
-        retention = Settings.model_fields["state_retention"].default
+        retention = field_default("state_retention")
         store = SqliteStateStore(path)
         try:
             started = time.perf_counter()
@@ -887,11 +887,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def tunables() -> dict[str, Any]:
-    from forwarder.config import Settings
+    from forwarder.config import field_default
 
     found = {}
     for name in h.TUNABLES:
-        default = Settings.model_fields[name.lower()].default
+        default = field_default(name.lower())
         found["FORWARDER_" + name] = os.environ.get("FORWARDER_" + name) or default
     return found
 

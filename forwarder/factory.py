@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from forwarder.config import Settings
+from forwarder.config import ProcessSettings
 from forwarder.cycle import CycleOptions, Forwarder
 from forwarder.errors import ConfigError
 from forwarder.imap_source import ImapSource
@@ -18,6 +18,7 @@ from forwarder.mailbox import Mailbox
 from forwarder.smtp_relay import SmtpPool
 from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import StateStore
+from forwarder.state_location import create_default_directory
 
 
 def owner_id() -> str:
@@ -25,11 +26,15 @@ def owner_id() -> str:
     return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
 
 
-def open_store(settings: Settings, *, exclusive: bool = True, readonly: bool = False) -> StateStore:
+def open_store(
+    settings: ProcessSettings, *, exclusive: bool = True, readonly: bool = False
+) -> StateStore:
     """The configured state store: PostgreSQL when FORWARDER_STATE_URL is set (shared by
     instances: `exclusive` does not apply), else the SQLite file. Raises StateError when
     it cannot be opened."""
     if settings.state_url is None:
+        if settings.state_db_is_default and not readonly:
+            create_default_directory(settings.state_db)
         return SqliteStateStore(settings.state_db, exclusive=exclusive, readonly=readonly)
     try:
         from forwarder.pg_store import PgStateStore
@@ -46,7 +51,7 @@ def open_store(settings: Settings, *, exclusive: bool = True, readonly: bool = F
     )
 
 
-def store_label(settings: Settings) -> str:
+def store_label(settings: ProcessSettings) -> str:
     """The state store as a person recognises it, without any password."""
     if settings.state_url is None:
         return str(settings.state_db)
@@ -55,7 +60,7 @@ def store_label(settings: Settings) -> str:
     return target(settings.state_url.get_secret_value()).label
 
 
-def cycle_options(settings: Settings) -> CycleOptions:
+def cycle_options(settings: ProcessSettings) -> CycleOptions:
     return CycleOptions(
         fetch_batch_bytes=settings.fetch_batch_bytes,
         fetch_batch_messages=settings.fetch_batch_messages,
@@ -66,7 +71,7 @@ def cycle_options(settings: Settings) -> CycleOptions:
 
 
 def build_forwarder(
-    settings: Settings,
+    settings: ProcessSettings,
     mailbox: Mailbox,
     store: StateStore,
     *,

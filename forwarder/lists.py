@@ -14,33 +14,48 @@ from forwarder.addresses import is_valid_address, normalize
 Lists = dict[str, tuple[str, ...]]
 
 
-def validate_lists_shape(value: Any) -> Lists:
-    """Raise ValueError (one line) unless `value` is {list address: [member, ...]}."""
+def validate_lists_shape(value: Any, lines: Mapping[str, int] | None = None) -> Lists:
+    """Raise ValueError (one line) unless `value` is {list address: [member, ...]}.
+
+    `lines` (list address as written -> line number) puts `line N: ` before an error
+    about one list, for a file in the aliases syntax.
+    """
     if not isinstance(value, dict):
         raise ValueError('must be a JSON object: {"list@domain": ["member@domain", ...]}')
     if not value:
         raise ValueError("defines no list")
     lists: Lists = {}
     for address, members in value.items():
-        if not isinstance(address, str) or not is_valid_address(address):
-            raise ValueError(f"list address {address!r} is not an address")
-        if "+" in address.partition("@")[0]:
-            raise ValueError(f"list address {address!r} has a +detail part; use the plain address")
-        key = normalize(address)
-        if key in lists:
-            raise ValueError(f"list {key} is defined twice")
-        if not isinstance(members, list | tuple) or not members:
-            raise ValueError(f"list {key} has no members (expected a non-empty array)")
-        seen: dict[str, str] = {}
-        for member in members:
-            if not isinstance(member, str) or not is_valid_address(member):
-                raise ValueError(f"list {key}: member {member!r} is not an address")
-            norm = normalize(member)
-            if norm == key:
-                raise ValueError(f"list {key} contains its own address")
-            seen.setdefault(norm, member.strip())
-        lists[key] = tuple(seen.values())
+        try:
+            key, kept = validate_list(address, members)
+            if key in lists:
+                raise ValueError(f"list {key} is defined twice")
+        except ValueError as exc:
+            if lines and address in lines:
+                raise ValueError(f"line {lines[address]}: {exc}") from None
+            raise
+        lists[key] = kept
     return lists
+
+
+def validate_list(address: Any, members: Any) -> tuple[str, tuple[str, ...]]:
+    """One list: its normalised address and its members (spelling kept, duplicates dropped)."""
+    if not isinstance(address, str) or not is_valid_address(address):
+        raise ValueError(f"list address {address!r} is not an address")
+    if "+" in address.partition("@")[0]:
+        raise ValueError(f"list address {address!r} has a +detail part; use the plain address")
+    key = normalize(address)
+    if not isinstance(members, list | tuple) or not members:
+        raise ValueError(f"list {key} has no members (expected a non-empty array)")
+    seen: dict[str, str] = {}
+    for member in members:
+        if not isinstance(member, str) or not is_valid_address(member):
+            raise ValueError(f"list {key}: member {member!r} is not an address")
+        norm = normalize(member)
+        if norm == key:
+            raise ValueError(f"list {key} contains its own address")
+        seen.setdefault(norm, member.strip())
+    return key, tuple(seen.values())
 
 
 def allowed_domains(

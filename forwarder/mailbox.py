@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,9 +20,11 @@ Security = Literal["tls", "starttls", "none"]
 DEFAULT_IMAP_PORTS: dict[str, int] = {"tls": 993, "starttls": 143, "none": 143}
 DEFAULT_SMTP_PORTS: dict[str, int] = {"tls": 465, "starttls": 587, "none": 25}
 DEFAULT_MAILBOX = "default"  # the name of the one mailbox configured by FORWARDER_* variables
+# A mailbox name keys the state store: short, safe in a log line, a file name or a metric label.
+MAILBOX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImapEndpoint:
     host: str
     port: int
@@ -36,7 +39,7 @@ class ImapEndpoint:
         return f"IMAP server {self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SmtpEndpoint:
     host: str
     port: int
@@ -52,7 +55,7 @@ class SmtpEndpoint:
         return f"SMTP server {self.host}:{self.port}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Mailbox:
     """One catch-all and its lists. `name` keys everything the state store keeps for it."""
 

@@ -32,14 +32,7 @@ def report(exc: ForwarderError, event: str) -> int:
 
 def select_mailboxes(settings: Settings, name: str | None) -> tuple[Mailbox, ...]:
     """The configured mailboxes, or the one named (ConfigError if there is none)."""
-    boxes = settings.mailboxes()
-    if name is None:
-        return boxes
-    chosen = tuple(m for m in boxes if m.name == name)
-    if not chosen:
-        known = ", ".join(m.name for m in boxes)
-        raise ConfigError(f"--mailbox {name}: no such mailbox (configured: {known})")
-    return chosen
+    return settings.mailboxes(name)
 
 
 async def in_folder(
@@ -90,15 +83,17 @@ async def run_once(
         store.close()
 
 
-async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
+async def check(
+    settings: Settings, out: TextIO = sys.stdout, mailbox: str | None = None
+) -> int:
     try:
         store = open_store(settings, exclusive=False)  # a daemon may be running
     except ForwarderError as exc:
         return report(exc, "check_failed")
     try:
         status = EXIT_OK
-        for mailbox in settings.mailboxes():
-            status = max(status, await _check_mailbox(settings, mailbox, store, out))
+        for box in settings.mailboxes(mailbox):
+            status = max(status, await _check_mailbox(settings, box, store, out))
         if status == EXIT_OK:
             print(f"state store {store_label(settings)}: ok", file=out)
         return status

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from forwarder.config import Settings
+from forwarder.config import ProcessSettings
 from forwarder.errors import EXIT_OK, StateError
 from forwarder.factory import open_store, store_label
 from forwarder.logs import escape_controls, print_error, printable_json
@@ -97,7 +97,8 @@ def read_status(
             c.quarantined,
             c.error,
         )
-    forwarded = dict.fromkeys(configured_lists, 0) | r.forwarded_per_list
+    named = {address for row in (*r.deferred, *r.failed) for address in row.lists}
+    forwarded = dict.fromkeys((*configured_lists, *named), 0) | r.forwarded_per_list
     return StatusReport(
         state_db=where,
         last_cycle=last,
@@ -169,12 +170,17 @@ def render_text(report: StatusReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def show_status(settings: Settings, as_json: bool = False, out: TextIO = sys.stdout) -> int:
+async def show_status(
+    settings: ProcessSettings,
+    as_json: bool = False,
+    out: TextIO = sys.stdout,
+    mailbox: str | None = None,
+) -> int:
     """Print the state store's summary (text, or one JSON object with `as_json`)."""
     try:
         store = open_store(settings, readonly=True)
         try:
-            report = read_status(store, store_label(settings), tuple(settings.lists))
+            report = read_status(store, store_label(settings), mailbox=mailbox)
         finally:
             store.close()
     except StateError as exc:

@@ -94,7 +94,7 @@ def make_forwarder(settings: Settings, store: StateStore, now: float | None = No
 
 def imap_source(settings: Settings) -> ImapSource:
     """The IMAP source of the settings' one mailbox."""
-    return ImapSource(settings.imap_endpoint, settings.tls_ca_file)
+    return ImapSource(settings.mailboxes()[0].imap, settings.tls_ca_file)
 
 
 async def forward_once(settings: Settings, now: float | None = None) -> CycleSummary:

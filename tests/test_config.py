@@ -11,6 +11,7 @@ import pytest
 from forwarder.addresses import normalize
 from forwarder.config import Settings, load_settings
 from forwarder.errors import EXIT_CONFIG, ConfigError
+from forwarder.mailbox import Mailbox
 
 CANARY = "canary-Pa55w0rd-XYZ"
 
@@ -35,6 +36,12 @@ def _isolated(monkeypatch, tmp_path):
 
 def load(**overrides: object) -> Settings:
     return load_settings(_env_file=None, **{**BASE, **overrides})
+
+
+def box(**overrides: object) -> Mailbox:
+    """The one mailbox of a configuration from the FORWARDER_* variables."""
+    [mailbox] = load(**overrides).mailboxes()
+    return mailbox
 
 
 def load_without(*names: str, **overrides: object) -> Settings:
@@ -64,22 +71,24 @@ def assert_one_line_naming(error: ConfigError, variable: str) -> None:
 
 
 def test_load_settings_accepts_a_minimal_configuration():
-    settings = load()
-    assert settings.imap_host == "imap.example.org"
-    assert settings.imap_password.get_secret_value() == CANARY
-    assert settings.lists == {"team@example.org": ("alice@example.org", "bob@example.org")}
+    mailbox = box()
+    assert mailbox.name == "default"
+    assert mailbox.imap.host == "imap.example.org"
+    assert mailbox.imap.password.get_secret_value() == CANARY
+    assert mailbox.lists == {"team@example.org": ("alice@example.org", "bob@example.org")}
 
 
 def test_load_settings_normalises_list_addresses():
-    settings = load(lists=lists({"Team@Example.ORG": ["alice@example.org"]}))
-    assert list(settings.lists) == ["team@example.org"]
+    assert list(box(lists=lists({"Team@Example.ORG": ["alice@example.org"]})).lists) == [
+        "team@example.org"
+    ]
 
 
 def test_load_settings_keeps_member_spelling_and_drops_duplicate_members():
     value = lists(
         {"team@example.org": ["Alice@Example.org", "alice+x@example.org", "b@example.org"]}
     )
-    assert load(lists=value).lists["team@example.org"] == ("Alice@Example.org", "b@example.org")
+    assert box(lists=value).lists["team@example.org"] == ("Alice@Example.org", "b@example.org")
 
 
 def test_load_settings_reads_forwarder_environment_variables(monkeypatch):
@@ -90,23 +99,22 @@ def test_load_settings_reads_forwarder_environment_variables(monkeypatch):
     monkeypatch.setenv("FORWARDER_SMTP_PORT", "2525")
     monkeypatch.setenv("FORWARDER_LISTS", lists({"team@example.org": ["x@elsewhere.net"]}))
     monkeypatch.setenv("FORWARDER_MEMBER_DOMAINS", "elsewhere.net, example.org")
-    settings = load_settings(_env_file=None)
-    assert settings.imap_host == "imap.env.example.org"
-    assert settings.smtp_port_effective == 2525
-    assert settings.lists == {"team@example.org": ("x@elsewhere.net",)}
-    assert settings.allowed_domains == {"elsewhere.net", "example.org"}
+    [mailbox] = load_settings(_env_file=None).mailboxes()
+    assert mailbox.imap.host == "imap.env.example.org"
+    assert mailbox.smtp.port == 2525
+    assert mailbox.lists == {"team@example.org": ("x@elsewhere.net",)}
 
 
 def test_load_settings_reads_a_dot_env_file_in_the_working_directory(tmp_path):
     env = {f"FORWARDER_{k.upper()}": v for k, v in BASE.items()}
     env["FORWARDER_SMTP_HOST"] = "smtp.dotenv.example.org"
     (tmp_path / ".env").write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
-    assert load_settings().smtp_host == "smtp.dotenv.example.org"
+    assert load_settings().mailboxes()[0].smtp.host == "smtp.dotenv.example.org"
 
 
 def test_load_settings_overrides_win_over_the_environment(monkeypatch):
     monkeypatch.setenv("FORWARDER_SMTP_HOST", "smtp.env.example.org")
-    assert load(smtp_host="smtp.override.example.org").smtp_host == "smtp.override.example.org"
+    assert box(smtp_host="smtp.override.example.org").smtp.host == "smtp.override.example.org"
 
 
 # FORWARDER_LISTS: refused values -----------------------------------------------------
@@ -257,7 +265,7 @@ def test_load_settings_accepts_members_in_allowed_domains(value, member_domains)
     overrides = {"lists": lists(value)}
     if member_domains is not None:
         overrides["member_domains"] = member_domains
-    assert load(**overrides).lists
+    assert box(**overrides).lists
 
 
 def test_load_settings_refuses_a_member_outside_explicit_member_domains():
@@ -335,7 +343,7 @@ def test_load_settings_refuses_a_bad_member_domain(value):
     ],
 )
 def test_expanded_lists_resolves_nested_lists(value, expected):
-    expanded = load(lists=lists(value)).expanded_lists()
+    expanded = box(lists=lists(value)).lists
     assert {key: set(members) for key, members in expanded.items()} == expected
 
 
@@ -344,7 +352,7 @@ def test_expanded_lists_gives_a_member_reached_twice_one_entry():
         "all@example.org": ["ops@example.org", "M@example.org"],
         "ops@example.org": ["m+ops@example.org", "n@example.org"],
     }
-    members = load(lists=lists(value)).expanded_lists()["all@example.org"]
+    members = box(lists=lists(value)).lists["all@example.org"]
     assert len(members) == 2
     assert {normalize(m) for m in members} == {"m@example.org", "n@example.org"}
 
@@ -354,13 +362,8 @@ def test_expanded_lists_never_contains_a_list_address():
         "all@example.org": ["ops@example.org", "a@example.org"],
         "ops@example.org": ["b@example.org"],
     }
-    expanded = load(lists=lists(value)).expanded_lists()
+    expanded = box(lists=lists(value)).lists
     assert all(member not in expanded for members in expanded.values() for member in members)
-
-
-def test_lists_keep_the_configured_nesting():
-    value = {"all@example.org": ["ops@example.org"], "ops@example.org": ["b@example.org"]}
-    assert load(lists=lists(value)).lists["all@example.org"] == ("ops@example.org",)
 
 
 # Required variables, security, ports -------------------------------------------------
@@ -400,7 +403,7 @@ def test_load_settings_refuses_a_bad_port(field, value):
     ],
 )
 def test_imap_port_defaults_to_the_security_mode(security, port):
-    assert load(imap_security=security).imap_port_effective == port
+    assert box(imap_security=security).imap.port == port
 
 
 @pytest.mark.parametrize(
@@ -413,18 +416,18 @@ def test_imap_port_defaults_to_the_security_mode(security, port):
     ],
 )
 def test_smtp_port_defaults_to_the_security_mode(security, port):
-    assert load(smtp_security=security).smtp_port_effective == port
+    assert box(smtp_security=security).smtp.port == port
 
 
 def test_default_security_is_imap_tls_and_smtp_starttls():
-    settings = load()
-    assert (settings.imap_port_effective, settings.smtp_port_effective) == (993, 587)
+    mailbox = box()
+    assert (mailbox.imap.port, mailbox.smtp.port) == (993, 587)
 
 
 @pytest.mark.parametrize("field", ["imap_port", "smtp_port"])
 def test_an_explicit_port_wins_over_the_default(field):
-    settings = load(**{field: "2525"})
-    assert getattr(settings, f"{field}_effective") == 2525
+    mailbox = box(**{field: "2525"})
+    assert getattr(mailbox, field.partition("_")[0]).port == 2525
 
 
 # Envelope sender ---------------------------------------------------------------------
@@ -435,14 +438,22 @@ def test_an_explicit_port_wins_over_the_default(field):
     [
         pytest.param({}, "catchall@example.org", id="imap-username"),
         pytest.param(
-            {"smtp_username": "relay@example.org"}, "relay@example.org", id="smtp-username"
+            {"smtp_username": "relay@example.org", "smtp_password": "pw"},
+            "relay@example.org",
+            id="smtp-username",
         ),
         pytest.param(
-            {"smtp_username": "relay"}, "catchall@example.org", id="smtp-username-no-address"
+            {"smtp_username": "relay", "smtp_password": "pw"},
+            "catchall@example.org",
+            id="smtp-username-no-address",
         ),
         pytest.param({"smtp_username": ""}, "catchall@example.org", id="smtp-username-empty"),
         pytest.param(
-            {"smtp_username": "relay@example.org", "envelope_sender": "admin@example.org"},
+            {
+                "smtp_username": "relay@example.org",
+                "smtp_password": "pw",
+                "envelope_sender": "admin@example.org",
+            },
             "admin@example.org",
             id="explicit",
         ),
@@ -455,14 +466,17 @@ def test_an_explicit_port_wins_over_the_default(field):
     ],
 )
 def test_envelope_sender_defaults_to_a_username_that_is_an_address(overrides, expected):
-    assert load(**overrides).envelope_from == expected
+    assert box(**overrides).envelope_sender == expected
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
         pytest.param({"imap_username": "catchall"}, id="imap-username-only"),
-        pytest.param({"imap_username": "catchall", "smtp_username": "relay"}, id="both-usernames"),
+        pytest.param(
+            {"imap_username": "catchall", "smtp_username": "relay", "smtp_password": "pw"},
+            id="both-usernames",
+        ),
         pytest.param({"envelope_sender": "not an address"}, id="explicit-not-an-address"),
         pytest.param(
             {"envelope_sender": "admin@example.org\r\nRCPT TO:<x@y>"}, id="explicit-crlf-injection"
@@ -476,13 +490,15 @@ def test_load_settings_refuses_a_missing_or_bad_envelope_sender(overrides):
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param({"envelope_sender": "admin@example.org\r\n"}, id="explicit"),
-        pytest.param({"smtp_username": " relay@example.org\n"}, id="smtp-username"),
+        pytest.param({"envelope_sender": " admin@example.org\t"}, id="explicit"),
+        pytest.param(
+            {"smtp_username": " relay@example.org ", "smtp_password": "pw"}, id="smtp-username"
+        ),
         pytest.param({"imap_username": "\tcatchall@example.org "}, id="imap-username"),
     ],
 )
 def test_envelope_sender_never_carries_surrounding_whitespace(overrides):
-    sender = load(**overrides).envelope_from
+    sender = box(**overrides).envelope_sender
     assert sender == sender.strip()
 
 
@@ -515,11 +531,12 @@ def test_envelope_sender_never_carries_surrounding_whitespace(overrides):
 )
 @pytest.mark.parametrize("password_field", ["imap_password", "smtp_password"])
 def test_config_errors_never_contain_a_password(overrides, password_field):
-    error = config_error(**{password_field: CANARY, **overrides})
+    login = {"smtp_username": "relay"} if password_field == "smtp_password" else {}
+    error = config_error(**{password_field: CANARY, **login, **overrides})
     assert CANARY not in str(error)
     assert CANARY not in repr(error)
     assert error.__cause__ is None
-    assert error.__suppress_context__
+    assert error.__context__ is None or error.__suppress_context__
 
 
 def test_config_error_from_environment_never_contains_the_password(monkeypatch):
@@ -532,10 +549,11 @@ def test_config_error_from_environment_never_contains_the_password(monkeypatch):
 
 def test_settings_repr_and_str_never_contain_a_password():
     settings = load(smtp_username="relay@example.org", smtp_password=CANARY)
-    assert CANARY not in repr(settings)
-    assert CANARY not in str(settings)
-    assert settings.smtp_password is not None
-    assert settings.smtp_password.get_secret_value() == CANARY
+    [mailbox] = settings.mailboxes()
+    for text in (repr(settings), str(settings), repr(mailbox), str(mailbox)):
+        assert CANARY not in text
+    assert mailbox.smtp.password is not None
+    assert mailbox.smtp.password.get_secret_value() == CANARY
 
 
 # Passwords from $CREDENTIALS_DIRECTORY -----------------------------------------------
@@ -547,10 +565,10 @@ def test_passwords_are_read_from_the_credentials_directory(monkeypatch, tmp_path
     (credentials / "imap_password").write_text("imap-secret\n")
     (credentials / "smtp_password").write_text("smtp-secret\r\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
-    settings = load_without("imap_password")
-    assert settings.imap_password.get_secret_value() == "imap-secret"
-    assert settings.smtp_password is not None
-    assert settings.smtp_password.get_secret_value() == "smtp-secret"
+    [mailbox] = load_without("imap_password", smtp_username="relay").mailboxes()
+    assert mailbox.imap.password.get_secret_value() == "imap-secret"
+    assert mailbox.smtp.password is not None
+    assert mailbox.smtp.password.get_secret_value() == "smtp-secret"
 
 
 def test_a_missing_credential_file_leaves_the_password_unset(monkeypatch, tmp_path):
@@ -562,7 +580,7 @@ def test_a_missing_credential_file_leaves_the_password_unset(monkeypatch, tmp_pa
 
 
 def test_without_credentials_directory_the_smtp_password_is_unset():
-    assert load().smtp_password is None
+    assert box().smtp.password is None
 
 
 def test_credential_file_contents_never_appear_in_errors(monkeypatch, tmp_path):
@@ -598,8 +616,8 @@ def test_misspelt_forwarder_variable_is_refused(monkeypatch: pytest.MonkeyPatch)
 def test_lists_can_come_from_a_json_file(tmp_path: Path) -> None:
     path = tmp_path / "lists.json"
     path.write_text('{"team@example.org": ["Ann@example.org"]}', encoding="utf-8")
-    settings = load_without("lists", lists_file=str(path))
-    assert settings.expanded_lists() == {"team@example.org": ("Ann@example.org",)}
+    [mailbox] = load_without("lists", lists_file=str(path)).mailboxes()
+    assert mailbox.lists == {"team@example.org": ("Ann@example.org",)}
 
 
 def test_lists_file_and_lists_together_are_refused(tmp_path: Path) -> None:
@@ -615,3 +633,218 @@ def test_unreadable_lists_file_is_named(tmp_path: Path) -> None:
     error = caught.value
     assert str(error).startswith("FORWARDER_LISTS_FILE: cannot read")
     assert "No such file" in str(error)
+
+
+# Settings hygiene: .env names, passwords, hosts, durations -----------------------------
+
+
+def test_misspelt_variable_in_dot_env_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("FORWARDER_SMTP_SECURTY=tls\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(**BASE)
+    assert str(caught.value) == (
+        "FORWARDER_SMTP_SECURTY (in .env) is not a forwarder setting; "
+        "did you mean FORWARDER_SMTP_SECURITY?"
+    )
+    assert caught.value.exit_status == EXIT_CONFIG
+
+
+def test_an_empty_imap_password_is_refused() -> None:
+    assert str(config_error(imap_password="")) == "FORWARDER_IMAP_PASSWORD: is empty"
+
+
+def test_an_empty_imap_password_from_a_credential_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "imap_password").write_text("\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        load_without("imap_password")
+    assert str(caught.value) == "FORWARDER_IMAP_PASSWORD: is empty"
+
+
+def test_an_smtp_username_without_a_password_is_refused() -> None:
+    error = config_error(smtp_username="relay@example.org")
+    assert_one_line_naming(error, "FORWARDER_SMTP_PASSWORD")
+    assert "FORWARDER_SMTP_USERNAME is set" in str(error)
+
+
+def test_an_smtp_password_without_a_username_is_refused() -> None:
+    error = config_error(smtp_password=CANARY)
+    assert_one_line_naming(error, "FORWARDER_SMTP_USERNAME")
+    assert CANARY not in str(error)
+
+
+def test_an_smtp_login_with_both_is_accepted() -> None:
+    smtp = box(smtp_username="relay@example.org", smtp_password=CANARY).smtp
+    assert smtp.username == "relay@example.org"
+    assert smtp.password is not None and smtp.password.get_secret_value() == CANARY
+
+
+@pytest.mark.parametrize("protocol", ["imap", "smtp"])
+@pytest.mark.parametrize(
+    ("host", "shown"),
+    [
+        pytest.param("mail.example.org:993", "mail.example.org", id="name"),
+        pytest.param("[::1]:143", "::1", id="ipv6"),
+    ],
+)
+def test_a_host_with_a_port_is_refused_naming_the_host_and_port_variables(protocol, host, shown):
+    error = config_error(**{f"{protocol}_host": host})
+    assert_one_line_naming(error, f"FORWARDER_{protocol.upper()}_HOST")
+    assert f"set the host to {shown} and the port" in str(error)
+    assert f"FORWARDER_{protocol.upper()}_PORT" in str(error)
+
+
+DURATIONS = {
+    "poll_interval": lambda s: s.poll_interval,
+    "retry_for": lambda s: s.retry_for,
+    "state_retention": lambda s: s.state_retention,
+    "imap_timeout": lambda s: s.mailboxes()[0].imap.timeout,
+    "smtp_timeout": lambda s: s.mailboxes()[0].smtp.timeout,
+}
+
+
+@pytest.mark.parametrize("field", sorted(DURATIONS))
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("2h", 7200.0), ("5d", 432000.0)],
+)
+def test_every_duration_setting_accepts_units(field, text, seconds):
+    others = {"state_retention": "1000d"} if field == "retry_for" else {"retry_for": "1s"}
+    assert DURATIONS[field](load(**others, **{field: text})) == seconds
+
+
+@pytest.mark.parametrize("field", sorted(DURATIONS))
+def test_a_duration_that_is_not_one_is_refused(field):
+    error = config_error(**{field: "5 days"})
+    assert_one_line_naming(error, f"FORWARDER_{field.upper()}")
+    assert "90s, 10m, 2h, 5d" in str(error)
+
+
+# CR, LF and NUL in any setting that reaches a protocol line (issue 8.9) ---------------
+
+INJECTION = "x\r\nZ1 DELETE Victim"
+PROTOCOL_SETTINGS = {
+    "imap_host": {},
+    "imap_username": {},
+    "imap_password": {},
+    "imap_folder": {},
+    "smtp_host": {},
+    "smtp_username": {"smtp_password": "pw"},
+    "smtp_password": {"smtp_username": "relay@example.org"},
+    "envelope_sender": {},
+}
+
+
+@pytest.mark.parametrize("field", sorted(PROTOCOL_SETTINGS))
+@pytest.mark.parametrize("bad", ["\r\n", "\n", "\r", "\0"], ids=["crlf", "lf", "cr", "nul"])
+def test_a_line_break_or_nul_in_a_protocol_setting_is_refused(field, bad):
+    value = INJECTION.replace("\r\n", bad)
+    error = config_error(**PROTOCOL_SETTINGS[field], **{field: value})
+    assert_one_line_naming(error, f"FORWARDER_{field.upper()}")
+    assert "contains" in str(error)
+
+
+@pytest.mark.parametrize("field", ["imap_password", "smtp_password"])
+def test_a_refused_password_is_not_shown(field):
+    error = config_error(**PROTOCOL_SETTINGS[field], **{field: CANARY + "\r\nZ1 DELETE x"})
+    assert CANARY not in str(error) and "DELETE" not in str(error)
+
+
+def test_a_line_break_in_a_variable_of_the_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("FORWARDER_IMAP_USERNAME", "catchall@example.org\r\nZ1 DELETE Victim")
+    with pytest.raises(ConfigError) as caught:
+        load_without("imap_username")
+    assert_one_line_naming(caught.value, "FORWARDER_IMAP_USERNAME")
+
+
+def test_a_line_break_in_a_credential_file_is_refused(monkeypatch, tmp_path):
+    (tmp_path / "imap_password").write_text(CANARY + "\r\nZ1 DELETE Victim\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        load_without("imap_password")
+    assert_one_line_naming(caught.value, "FORWARDER_IMAP_PASSWORD")
+    assert CANARY not in str(caught.value)
+
+
+def test_a_multi_line_json_lists_value_is_still_accepted():
+    value = '{\n  "team@example.org": [\n    "alice@example.org"\n  ]\n}\n'
+    assert box(lists=value).lists == {"team@example.org": ("alice@example.org",)}
+
+
+# Unreadable credential files ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["directory", "not-utf8"])
+def test_an_unreadable_credential_file_is_a_one_line_configuration_error(
+    monkeypatch, tmp_path, kind
+):
+    path = tmp_path / "imap_password"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"\xff\xfe" + CANARY.encode())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(ConfigError) as caught:
+        load_without("imap_password")
+    assert_one_line_naming(caught.value, "FORWARDER_IMAP_PASSWORD")
+    assert f"cannot read the credential file {path}" in str(caught.value)
+    assert CANARY not in str(caught.value)
+
+
+# Lists files: JSON or the aliases(5) syntax ------------------------------------------
+
+
+def test_a_lists_file_in_the_aliases_syntax_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "lists"
+    path.write_text(
+        "# lists\nteam@example.org: alice@example.org,\n  bob@example.org\n"
+        "all@example.org: team@example.org carol@example.org\n"
+    )
+    [mailbox] = load_without("lists", lists_file=str(path)).mailboxes()
+    assert mailbox.lists == {
+        "team@example.org": ("alice@example.org", "bob@example.org"),
+        "all@example.org": ("alice@example.org", "bob@example.org", "carol@example.org"),
+    }
+
+
+def test_an_error_in_an_aliases_lists_file_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "lists"
+    path.write_text("team@example.org: alice@example.org\n\nops@example.org: bob\n")
+    with pytest.raises(ConfigError) as caught:
+        load_without("lists", lists_file=str(path))
+    assert str(caught.value) == (
+        f"FORWARDER_LISTS_FILE: {path}: line 3: list ops@example.org: member 'bob' is not an "
+        "address"
+    )
+
+
+def test_a_json_error_in_a_lists_file_names_the_file_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "lists.json"
+    path.write_text('{\n  "team@example.org": ["alice@example.org"]\n  "ops@example.org": []\n}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_without("lists", lists_file=str(path))
+    message = str(caught.value)
+    assert message.startswith(f"FORWARDER_LISTS_FILE: {path}: line 3, column 3: not valid JSON")
+    assert "character" not in message
+
+
+def test_a_member_outside_the_domains_in_a_lists_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "lists"
+    path.write_text("team@example.org: alice@elsewhere.net\n")
+    with pytest.raises(ConfigError) as caught:
+        load_without("lists", lists_file=str(path))
+    assert str(caught.value).startswith(f"FORWARDER_LISTS_FILE: {path}: member alice@elsewhere")
+
+
+def test_the_aliases_syntax_in_the_variable_itself_points_to_the_lists_file() -> None:
+    error = config_error(lists="team@example.org: alice@example.org")
+    assert_one_line_naming(error, "FORWARDER_LISTS")
+    assert "lists file" in str(error)
+
+
+def test_secrets_lists_every_password_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORWARDER_SMTP_PASSWORD", "smtp-secret")
+    settings = load(smtp_username="relay@example.org")
+    assert sorted(s.get_secret_value() for s in settings.secrets()) == [CANARY, "smtp-secret"]

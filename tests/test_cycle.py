@@ -330,7 +330,7 @@ async def test_one_event_per_message_and_a_cycle_summary(
     [summary] = [e for e in logs if e["event"] == "cycle_finished"]
     assert (summary["outcome"], summary["forwarded"], summary["delivered"]) == ("ok", 1, 2)
     assert "secret body text" not in repr(logs)
-    assert settings.imap_password.get_secret_value() not in repr(logs)
+    assert settings.mailboxes()[0].imap.password.get_secret_value() not in repr(logs)
 
 
 async def test_reading_does_not_set_seen_on_messages_left_in_place(

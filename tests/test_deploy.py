@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import _CREDENTIAL_FILES
+from forwarder.config_sources import CREDENTIAL_FILES
 from forwarder.errors import EXIT_AUTH, EXIT_CONFIG
 from tests.servers.systemd import in_ci
 
@@ -130,7 +130,7 @@ def test_the_state_store_is_in_the_state_directory() -> None:
 def test_passwords_are_credentials_the_program_reads() -> None:
     loaded = dict(value.split(":", 1) for value in service("LoadCredential"))
     # state_password only serves a PostgreSQL store: the unit ships for SQLite.
-    assert {"imap_password", "smtp_password"} <= set(loaded) <= set(_CREDENTIAL_FILES.values())
+    assert {"imap_password", "smtp_password"} <= set(loaded) <= set(CREDENTIAL_FILES.values())
     for name, source in loaded.items():
         assert source == f"/etc/forwarder/{name}"
 

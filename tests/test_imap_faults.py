@@ -85,7 +85,7 @@ def test_idle_watcher_retries_a_refused_login_and_idles_once_the_slot_is_free(
 ) -> None:
     imap_faults.max_logins = 1
     woken = threading.Event()
-    watcher = IdleWatcher(make_settings(imap_port=imap_faults.port).imap_endpoint, woken.set)
+    watcher = IdleWatcher(make_settings(imap_port=imap_faults.port).mailboxes()[0].imap, woken.set)
     with capture_logs() as events:
         watcher.start()
         try:

@@ -75,7 +75,7 @@ async def test_ascii_message_is_sent_without_body_or_smtputf8(
 async def test_non_ascii_recipient_is_sent_with_smtputf8(
     smtp_sink: SmtpSink, settings: Settings
 ) -> None:
-    relay = SmtpRelay(settings.smtp_endpoint, settings.tls_ca_file)
+    relay = SmtpRelay(settings.mailboxes()[0].smtp, settings.tls_ca_file)
     try:
         replies = await relay.send(ADMIN, ["zoé@example.org"], b"", b"Subject: x\r\n\r\nx\r\n")
     finally:
@@ -109,7 +109,7 @@ async def test_non_ascii_recipient_without_smtputf8_is_refused_with_a_clear_repl
     smtp_sink: SmtpSink, settings: Settings
 ) -> None:
     smtp_sink.hidden_extensions = {"SMTPUTF8"}
-    relay = SmtpRelay(settings.smtp_endpoint, settings.tls_ca_file)
+    relay = SmtpRelay(settings.mailboxes()[0].smtp, settings.tls_ca_file)
     try:
         replies = await relay.send(
             ADMIN, ["zoé@example.org", "bob@example.org"], b"", b"Subject: x\r\n\r\nx\r\n"

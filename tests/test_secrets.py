@@ -77,6 +77,7 @@ async def test_a_canary_password_appears_in_no_log_event_exception_repr_or_state
             "imap_host": "imap.example.org",
             "imap_username": "catchall@example.org",
             "smtp_host": "smtp.example.org",
+            "smtp_username": "relay@example.org",
         }
         for bad in ({"lists": "{not json"}, {"smtp_port": "0"}, {"tls_ca_file": "/nonexistent"}):
             with pytest.raises(ConfigError) as config_error:
@@ -90,8 +91,9 @@ async def test_a_canary_password_appears_in_no_log_event_exception_repr_or_state
         errors.append(env_error.value)
         monkeypatch.setenv("FORWARDER_LISTS", json.dumps(LISTS))
         settings = load_settings(**base, envelope_sender="lists-admin@example.org")
-        assert settings.imap_password.get_secret_value() == CANARY  # read from the environment
-        seen += [repr(settings), str(settings), settings.model_dump_json()]
+        [box] = settings.mailboxes()
+        assert box.imap.password.get_secret_value() == CANARY  # read from the environment
+        seen += [repr(settings), str(settings), settings.model_dump_json(), repr(box), str(box)]
 
     assert len(errors) == 6 and all(isinstance(e, ForwarderError) for e in errors)
     assert any(e["event"] == "cycle_finished" for e in events)

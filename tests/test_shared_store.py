@@ -102,7 +102,7 @@ async def test_a_database_outage_fails_the_cycle_in_one_line_and_the_next_one_du
     assert "\n" not in line and postgres_db.password not in line
     assert failed_commits, "the outage should have failed a commit"
     # After the first failed commit, only the transactions already in flight complete.
-    assert sent_during_outage - failed_commits[0] <= settings.smtp_connections
+    assert sent_during_outage - failed_commits[0] <= settings.mailboxes()[0].smtp.connections
     assert sent_during_outage < 40  # some were left for the cycle after the outage
     received = sink_pairs(smtp_sink)
     assert set(received) == expected

@@ -30,7 +30,7 @@ SMTP_USER = "relay@example.org"
 
 
 async def connect_error(settings: Settings) -> SmtpError:
-    relay = SmtpRelay(settings.smtp_endpoint, settings.tls_ca_file)
+    relay = SmtpRelay(settings.mailboxes()[0].smtp, settings.tls_ca_file)
     try:
         with pytest.raises(SmtpError) as error:
             await relay.connect()
