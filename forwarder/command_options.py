@@ -12,7 +12,9 @@ def _json(parser: argparse.ArgumentParser) -> None:
 
 
 def _mailbox(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mailbox", metavar="NAME", help="only this mailbox")
+    parser.add_argument(
+        "--mailbox", metavar="NAME", help="only this mailbox (a name of FORWARDER_MAILBOXES_FILE)"
+    )
 
 
 def once(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +69,16 @@ def history(parser: argparse.ArgumentParser) -> None:
     _mailbox(parser)
 
 
+def status(parser: argparse.ArgumentParser) -> None:
+    _json(parser)
+    _mailbox(parser)
+
+
 OPTIONS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "once": once,
+    "check": _mailbox,
+    "status": status,
+    "config": _mailbox,
     "explain": explain,
     "baseline": baseline,
     "retry": retry,

@@ -15,14 +15,13 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from forwarder.addresses import normalize
-from forwarder.config import Settings
+from forwarder.config import ProcessSettings
 from forwarder.errors import EXIT_OK, ConfigError, ForwarderError
 from forwarder.factory import open_store
 from forwarder.headers import Headers, message_id
 from forwarder.logs import escape_controls, print_error, printable_json
 from forwarder.preview import count, reply_text
 from forwarder.reporting import iso
-from forwarder.service import select_mailboxes
 from forwarder.state import DeliveryQuery, DeliveryRow, StateStore, UidRecord
 
 
@@ -176,7 +175,7 @@ def render(query: str, matched: list[str], messages: list[MessageView], since: s
 
 
 async def history(
-    settings: Settings,
+    settings: ProcessSettings,
     *,
     query: str,
     since: str | None = None,
@@ -186,7 +185,8 @@ async def history(
 ) -> int:
     try:
         start = parse_since(since)
-        configured = [b.name for b in select_mailboxes(settings, mailbox)]
+        settings.check_mailbox_name(mailbox)  # no password needed: the names only
+        configured = [mailbox] if mailbox else list(settings.mailbox_names())
         store = open_store(settings, readonly=True)
         try:
             matched, messages = find(store, query, mailbox, configured, start)
