@@ -44,6 +44,7 @@ from forwarder.mailboxes_file import (
     mailbox_values,
     read_mailboxes_file,
 )
+from forwarder.setting_values import parse_duration
 from forwarder.state_location import current_default
 
 _PG_SCHEMES = ("postgresql://", "postgres://")
@@ -182,6 +183,12 @@ def field_default(field: str) -> Any:
     """A setting's default value (None when it has none: required, or derived)."""
     info = MailboxConfig.model_fields.get(field) or ProcessSettings.model_fields[field]
     return None if info.default is PydanticUndefined else info.default
+
+
+def is_duration(field: str) -> bool:
+    """Whether a setting is a duration (`90s`, `10m` ...)."""
+    info = MailboxConfig.model_fields.get(field) or ProcessSettings.model_fields[field]
+    return any(getattr(item, "func", None) is parse_duration for item in info.metadata)
 
 
 def load_process_settings(**overrides: Any) -> ProcessSettings:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from pydantic import SecretStr
 
-from forwarder.config import ConfigSources, ProcessSettings, field_default
+from forwarder.config import ConfigSources, ProcessSettings, field_default, is_duration
 from forwarder.config_sources import DEFAULT, Raw, Source, env_name
 from forwarder.errors import EXIT_OK
 from forwarder.mailbox import DEFAULT_IMAP_PORTS, DEFAULT_SMTP_PORTS
@@ -30,9 +30,6 @@ from forwarder.setting_values import format_duration
 MASK = "********"
 LONGEST = 300  # a longer value (a big FORWARDER_LISTS) is cut
 COLUMN = 52
-DURATIONS = frozenset(
-    {"poll_interval", "retry_for", "state_retention", "imap_timeout", "smtp_timeout"}
-)
 # What a left-out value means when the default depends on other settings.
 DERIVED = {
     "imap_port": "imap_security",
@@ -110,7 +107,7 @@ def _value(field: str, raw: Raw, values: Mapping[str, Raw]) -> str:
         return MASK if value.get_secret_value() else ""
     if value is None:
         return _derived(field, values)
-    if field in DURATIONS and isinstance(value, int | float):
+    if is_duration(field) and isinstance(value, int | float):
         return format_duration(float(value))
     if isinstance(value, dict | list | tuple):
         value = (

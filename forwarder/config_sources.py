@@ -71,7 +71,7 @@ def read_sources(
     `overrides` (tests). Raises ConfigError (one line, no secret)."""
     values: dict[str, Raw] = {}
     if env_file is not None:
-        source = Source(".env", str(env_file))
+        source = Source(".env", str(env_file.absolute()))
         for name, value in _read_env_file(env_file).items():
             field = _field(name, known, f" (in {env_file})")
             if field is not None and value is not None:

@@ -22,7 +22,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from forwarder.config import Settings
-from forwarder.errors import EXIT_OK, AuthError, ForwarderError
+from forwarder.errors import EXIT_OK, AuthError, ConfigError, ForwarderError
 from forwarder.factory import build_forwarder, open_store, owner_id
 from forwarder.idle import IdleWatcher
 from forwarder.mailbox_leases import MailboxLeases
@@ -126,6 +126,15 @@ class Daemon:
 
 
 async def run_daemon(settings: Settings) -> int:
+    if len(settings.mailboxes()) > 1:  # until the daemon runs one worker per mailbox
+        return report(
+            ConfigError(
+                f"FORWARDER_MAILBOXES_FILE: `forwarder run` serves a single mailbox in this "
+                f"version, and the file has {len(settings.mailboxes())}; run `forwarder once` "
+                "(one cycle of every mailbox) from a timer instead"
+            ),
+            "fatal_error",
+        )
     try:
         store = open_store(settings)
     except ForwarderError as exc:

@@ -53,6 +53,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.startswith(("FORWARDER_", "PG")) or name in (
             "CREDENTIALS_DIRECTORY",
             "NOTIFY_SOCKET",
+            "STATE_DIRECTORY",  # the default state file: tests never use the system's
         ):
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)

@@ -702,6 +702,7 @@ DURATIONS = {
     "state_retention": lambda s: s.state_retention,
     "imap_timeout": lambda s: s.mailboxes()[0].imap.timeout,
     "smtp_timeout": lambda s: s.mailboxes()[0].smtp.timeout,
+    "takeover_after": lambda s: s.takeover_after,
 }
 
 

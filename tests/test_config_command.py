@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,21 +13,9 @@ import pytest
 from tests.faults import FaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
+from tests.test_cli import forwarder
 
 CANARY = "canary-Cfg-Pa55w0rd"
-
-
-def forwarder(
-    env: dict[str, str], *args: str, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "forwarder", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def state_only(tmp_path: Path) -> dict[str, str]:
@@ -79,7 +65,7 @@ def test_config_prints_each_setting_with_its_source_and_masks_secrets(
         f"credential file {credentials / 'smtp_password'}",
     )
     assert shown["FORWARDER_POLL_INTERVAL"] == ("10m", "environment")
-    assert shown["FORWARDER_LOG_LEVEL"] == ("debug", ".env .env")
+    assert shown["FORWARDER_LOG_LEVEL"] == ("debug", f".env {tmp_path / '.env'}")
     assert shown["FORWARDER_IMAP_FOLDER"] == ("INBOX", "environment")
     assert shown["FORWARDER_RETRY_FOR"] == ("5d", "default")
     assert shown["FORWARDER_SMTP_PORT"][1] == "environment"
@@ -252,3 +238,10 @@ def test_an_unreadable_credential_file_is_exit_2_in_one_line(
         f"file {credentials / 'imap_password'} ("
     )
     assert "Traceback" not in result.stderr
+
+
+def test_run_refuses_a_mailboxes_file_with_several_mailboxes(two_folders: dict[str, str]) -> None:
+    """`run` serves one mailbox so far: it must not leave the others silently unserved."""
+    result = forwarder(two_folders, "run")
+    assert result.returncode == 2
+    assert "FORWARDER_MAILBOXES_FILE: `forwarder run` serves a single mailbox" in result.stderr

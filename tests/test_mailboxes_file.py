@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ SHARED: dict[str, object] = {
     "smtp_password": CANARY,
     "imap_host": "imap.example.net",
 }
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.upper().startswith("FORWARDER_") or name == "CREDENTIALS_DIRECTORY":
-            monkeypatch.delenv(name)
 
 
 def mailbox_table(name: str, domain: str, **extra: str) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from forwarder.factory import open_store
 from forwarder.state_location import default_state_db
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
+from tests.test_cli import forwarder
 
 HOME = Path("/home/ann")
 
@@ -102,14 +101,7 @@ def test_once_from_another_directory_finds_the_same_state(
     for directory in ("service", "admin"):
         cwd = tmp_path / directory
         cwd.mkdir()
-        result = subprocess.run(
-            [sys.executable, "-m", "forwarder", "once"],
-            env=env_for_subprocess,
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = forwarder(env_for_subprocess, "once", cwd=cwd)
         assert result.returncode == 0, result.stderr
         assert list(cwd.iterdir()) == []
     assert len(smtp_sink.received) == 1
