@@ -11,7 +11,9 @@ loopback, fills the catch-all by LMTP and measures, in one run:
 4. scale: loading 10,000 lists of 20 members; a cycle against a state store of
    1,000,000 deliveries versus an empty one;
 5. instances: one and two instances on a private PostgreSQL, on one mailbox and on
-   ten (bench/instances.py).
+   ten (bench/instances.py);
+6. folder: a cycle with 10 new messages in a folder of 100,000 already handled
+   versus one of 100 (bench/folder.py).
 
 Prints one table and writes it, with the machine, as JSON. Never fails on timing;
 exits 1 only when something did not work (a message not delivered exactly once,
@@ -48,7 +50,7 @@ LISTS: dict[str, list[str]] = {
     "direction@example.org": ["dave@example.org"],
 }
 LIST_ADDRESSES = list(LISTS)
-PHASES = ("throughput", "latency", "memory", "scale", "instances")
+PHASES = ("throughput", "latency", "memory", "scale", "instances", "folder")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("results.json")
 QUICK_RESULTS = Path(__file__).with_name("results-quick.json")
@@ -492,6 +494,13 @@ class Bench:
         with PostgresCluster(fsync=True) as cluster:
             Instances(self, cluster)()
 
+    # ------------------------------------------------------------------- 6. folder
+
+    def folder(self) -> None:
+        from bench.folder import FolderScale
+
+        FolderScale(self)()
+
     def _big_lists(self) -> dict[str, list[str]]:
         rng = random.Random(20261124)
         domains = ("example.org", "example.net", "example.com")
@@ -867,6 +876,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "its cycles are short, so it needs more runs than the others",
     )
     parser.add_argument(
+        "--folder-messages",
+        type=int,
+        help="messages in the big folder of the folder figure (default 100,000; quick 10,000)",
+    )
+    parser.add_argument(
+        "--folder-new", type=int, default=10, help="new messages per cycle for the folder figure"
+    )
+    parser.add_argument(
+        "--folder-runs", type=int, help="runs of each folder for the folder figure (default 9)"
+    )
+    parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}"
     )
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results.json)")
@@ -878,6 +898,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opts.latency_messages = opts.latency_messages or (60 if quick else 200)
     opts.deliveries = opts.deliveries or (100_000 if quick else 1_000_000)
     opts.store_runs = opts.store_runs or (2 if quick else 7)
+    opts.folder_messages = opts.folder_messages or (10_000 if quick else 100_000)
+    opts.folder_runs = opts.folder_runs or (3 if quick else 9)
     opts.output = opts.output or (QUICK_RESULTS if quick else RESULTS)
     opts.phases = [p.strip() for p in opts.phases.split(",") if p.strip()]
     unknown = set(opts.phases) - set(PHASES)
@@ -920,6 +942,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "memory": bench.memory,
                 "scale": bench.scale,
                 "instances": bench.instances,
+                "folder": bench.folder,
             }
             for phase in PHASES:
                 if phase in opts.phases:
