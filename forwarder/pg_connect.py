@@ -208,23 +208,25 @@ class Pool:
                         self._idle.append(conn)
 
     def run(self, what: str, body: Callable[[Connection], T]) -> T:
-        """`body` in one transaction. A deadlock is tried again; a stale pooled connection
-        (the server restarted since) is replaced once, as long as nothing was committed."""
+        """`body` in one transaction, pipelined (the statements go out together and the
+        commit needs no round trip of its own). A deadlock is tried again. A pooled
+        connection found broken (the server restarted since it was last used) is replaced
+        once: every store call is safe to repeat, even if its first commit went through
+        (results only apply to pending rows; a claim repeated wins nothing the first one
+        won, and those deliveries wait for their lease)."""
         fresh = False
         attempt = 0
         while True:
             attempt += 1
-            committing = False
             try:
                 with self.connection(fresh) as (conn, reused):
                     try:
-                        with conn.transaction():
+                        with conn.pipeline(), conn.transaction():
                             result = body(conn)
-                            committing = True
                         return result
                     except psycopg.OperationalError:
-                        if reused and conn.broken and not committing and not fresh:
-                            fresh = True  # nothing was committed: once more, on a new one
+                        if reused and conn.broken and not fresh:
+                            fresh = True
                             continue
                         raise
             except _TRANSIENT as exc:

@@ -58,37 +58,53 @@ ORDER BY r.n
 ON CONFLICT DO NOTHING
 RETURNING d.message_key, d.member, 'new'
 """
+# Each (message, member) is looked up by its primary key in a LATERAL subquery (LIMIT 1
+# keeps the planner from turning it into a join that scans the mailbox's rows: it would,
+# on a young table whose statistics say it is small), and updated by its row address.
 # Deferred and due, or pending under an expired claim: locked, or skipped if another
-# instance is claiming them right now.
+# instance is claiming it right now.
 _TAKE_DUE = f"""
 WITH due AS (
-    SELECT d.message_key, d.member, d.status AS was FROM forwarder.deliveries d
-    JOIN {_PAIRS} ON d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
-    WHERE (d.status = 'deferred' AND coalesce(d.next_try, 0) <= %(now)s)
-       OR (d.status = 'pending' AND coalesce(d.claim_until, '-infinity') < clock_timestamp())
-    ORDER BY d.message_key, d.member
-    FOR UPDATE OF d SKIP LOCKED
+    SELECT t.ctid AS row, t.status AS was FROM {_PAIRS}
+    CROSS JOIN LATERAL (
+        SELECT d.ctid, d.status FROM forwarder.deliveries d
+        WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+        AND ((d.status = 'deferred' AND coalesce(d.next_try, 0) <= %(now)s)
+            OR (d.status = 'pending'
+                AND coalesce(d.claim_until, '-infinity') < clock_timestamp()))
+        LIMIT 1 FOR UPDATE SKIP LOCKED
+    ) AS t
 )
 UPDATE forwarder.deliveries d SET status = 'pending', updated = %(now)s,
     attempts = d.attempts + (due.was = 'pending')::int, claim_owner = %(owner)s,
     claim_until = {_LEASE}
-FROM due WHERE d.mailbox = %(mailbox)s AND d.message_key = due.message_key
-    AND d.member = due.member
+FROM due WHERE d.ctid = due.row
 RETURNING d.message_key, d.member, due.was
 """
 _STATES = f"""
-SELECT d.message_key, d.member, d.status, d.attempts, d.first_try, d.next_try
-FROM forwarder.deliveries d
-JOIN {_PAIRS} ON d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+SELECT r.k, r.m, t.status, t.attempts, t.first_try, t.next_try FROM {_PAIRS}
+CROSS JOIN LATERAL (
+    SELECT d.status, d.attempts, d.first_try, d.next_try FROM forwarder.deliveries d
+    WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m LIMIT 1
+) AS t
 """
+# Locked first (in key order), so that the row address is the current version's.
 _RESULTS = """
+WITH r AS (
+    SELECT t.ctid AS row, r.status, r.code, r.reply, r.next_try
+    FROM unnest(%(keys)s::text[], %(members)s::text[], %(statuses)s::text[],
+        %(codes)s::int[], %(replies)s::text[], %(next_tries)s::float8[])
+        AS r(k, m, status, code, reply, next_try)
+    CROSS JOIN LATERAL (
+        SELECT d.ctid FROM forwarder.deliveries d
+        WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
+        AND d.status = 'pending' LIMIT 1 FOR UPDATE
+    ) AS t
+)
 UPDATE forwarder.deliveries d SET status = r.status, code = r.code, reply = r.reply,
     attempts = d.attempts + 1, next_try = r.next_try, updated = %(now)s,
     claim_owner = NULL, claim_until = NULL
-FROM unnest(%(keys)s::text[], %(members)s::text[], %(statuses)s::text[], %(codes)s::int[],
-    %(replies)s::text[], %(next_tries)s::float8[]) AS r(k, m, status, code, reply, next_try)
-WHERE d.mailbox = %(mailbox)s AND d.message_key = r.k AND d.member = r.m
-    AND d.status = 'pending'
+FROM r WHERE d.ctid = r.row
 """
 _UIDS = """
 INSERT INTO forwarder.uids AS u (mailbox, uidvalidity, uid, state, message_key, message_id,
@@ -191,13 +207,16 @@ class PgStateStore:
                 "ids": [text(pairs[p][1].message_id) for p in ordered],
                 "senders": [text(pairs[p][1].sender) for p in ordered],
             }
-            won = {(k, m): was for k, m, was in conn.execute(_INSERT_NEW, insert).fetchall()}
-            won.update({(k, m): was for k, m, was in conn.execute(_TAKE_DUE, params).fetchall()})
+            # Sent together (pipeline), run in order: new rows, due rows, then every state.
+            new, due, found = (
+                conn.execute(_INSERT_NEW, insert),
+                conn.execute(_TAKE_DUE, params),
+                conn.execute(_STATES, params),
+            )
+            won = {(k, m): was for k, m, was in [*new.fetchall(), *due.fetchall()]}
             states = {
                 (k, m): MemberState(Status(status), attempts, first_try, next_try)
-                for k, m, status, attempts, first_try, next_try in conn.execute(
-                    _STATES, params
-                ).fetchall()
+                for k, m, status, attempts, first_try, next_try in found.fetchall()
             }
             return won, states
 
@@ -415,15 +434,16 @@ class PgStateStore:
         live claims excepted). The folder watermark keeps old messages from being re-read."""
 
         def body(conn: Connection) -> int:
-            count = conn.execute(
-                "DELETE FROM forwarder.deliveries WHERE updated < %s AND status <> 'pending'",
+            row = conn.execute(  # counted in SQL: a pipelined statement has no rowcount
+                "WITH gone AS (DELETE FROM forwarder.deliveries WHERE updated < %s "
+                "AND status <> 'pending' RETURNING 1) SELECT count(*) FROM gone",
                 (before,),
-            ).rowcount
+            ).fetchone()
             conn.execute(
                 "DELETE FROM forwarder.uids WHERE updated < %s AND state NOT IN (%s, %s)",
                 (before, UidState.OPEN.value, UidState.QUARANTINED.value),
             )
-            return count
+            return int(row[0]) if row else 0
 
         return self._pool.run("pruning old records", body)
 
