@@ -168,3 +168,23 @@ async def test_history_escapes_control_characters_from_the_message(
     await forward(mailbox, settings, MONDAY, message_id="<evil\x1b[2Jid@x>")
     text = await show(settings, "bob@example.org")
     assert "\x1b" not in text and "<evil\\x1b[2jid@x>" in text
+
+
+def test_history_needs_no_password(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    subprocess.run(
+        [sys.executable, "-m", "forwarder", "once"], env=env_for_subprocess, timeout=60
+    ).check_returncode()
+    for name in ("FORWARDER_IMAP_PASSWORD", "FORWARDER_SMTP_HOST", "FORWARDER_LISTS"):
+        del env_for_subprocess[name]
+    result = subprocess.run(
+        [sys.executable, "-m", "forwarder", "history", "bob@example.org"],
+        env=env_for_subprocess,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  bob@example.org  delivered  " in result.stdout
