@@ -143,20 +143,22 @@ async def test_history_since_must_be_a_date(
     assert "--since: 'monday' is not an ISO 8601 date or time" in capsys.readouterr().err
 
 
-def test_history_is_a_command(
-    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
-) -> None:
-    mailbox.deliver(build_message(), ["contact@example.org"])
-    subprocess.run(
-        [sys.executable, "-m", "forwarder", "once"], env=env_for_subprocess, timeout=60
-    ).check_returncode()
-    result = subprocess.run(
-        [sys.executable, "-m", "forwarder", "history", "alice@example.org", "--json"],
-        env=env_for_subprocess,
+def forwarder(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_history_is_a_command(
+    mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
+) -> None:
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    forwarder(env_for_subprocess, "once").check_returncode()
+    result = forwarder(env_for_subprocess, "history", "alice@example.org", "--json")
     assert result.returncode == 0, result.stderr
     [message] = json.loads(result.stdout)["messages"]
     assert [d["member"] for d in message["deliveries"]] == ["alice@example.org"]
@@ -174,17 +176,9 @@ def test_history_needs_no_password(
     mailbox: MailServer, smtp_sink: SmtpSink, env_for_subprocess: dict[str, str]
 ) -> None:
     mailbox.deliver(build_message(), ["contact@example.org"])
-    subprocess.run(
-        [sys.executable, "-m", "forwarder", "once"], env=env_for_subprocess, timeout=60
-    ).check_returncode()
+    forwarder(env_for_subprocess, "once").check_returncode()
     for name in ("FORWARDER_IMAP_PASSWORD", "FORWARDER_SMTP_HOST", "FORWARDER_LISTS"):
         del env_for_subprocess[name]
-    result = subprocess.run(
-        [sys.executable, "-m", "forwarder", "history", "bob@example.org"],
-        env=env_for_subprocess,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = forwarder(env_for_subprocess, "history", "bob@example.org")
     assert result.returncode == 0, result.stderr
     assert "  bob@example.org  delivered  " in result.stdout
