@@ -7,6 +7,11 @@ member two copies are for receives one; different messages go out concurrently
 over the SMTP pool. Every reply is committed (group commit) before the message
 goes on. After a failed commit nothing more is sent; claims never used are given
 back, so those members are due again at once.
+
+A send cut off after its final dot has no reply (`replies.no_reply`): it counts as
+an attempt, deferred with the back-off and deadline of a 4xx. A send cut off
+before it delivered nothing: the relay raises, the cycle stops, and the claims
+are given back.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from forwarder.errors import ForwarderError, StateError
 from forwarder.esmtp import ehlo_name
 from forwarder.mailbox import Mailbox
 from forwarder.plan import Message, claim_request, group_by_key
+from forwarder.replies import Reply, no_reply
 from forwarder.reporting import CycleSummary, Reporter
 from forwarder.retry import classify
 from forwarder.routing import Route
-from forwarder.smtp_relay import Reply, SmtpPool
+from forwarder.smtp_relay import SmtpPool
 from forwarder.smtp_session import machine_fqdn
 from forwarder.state import Claim, MemberState, MessageResult, StateStore, Status
 
 log = structlog.get_logger("forwarder.cycle")
-# What a send cut off before its reply leaves behind, when retried past the deadline.
-UNKNOWN = Reply(550, "outcome of the last attempt unknown (cut off before the reply)")
+# What a send cut off by the end of the process leaves behind, when found past the deadline.
+UNKNOWN = no_reply("the forwarder stopped (killed, or the host went down)")
 MAX_RCPT = 100  # recipients per SMTP transaction (RFC 5321 4.5.3.1.8 minimum a server accepts)
 
 
@@ -76,6 +82,7 @@ class Dispatcher:
         states = {key: dict(c.states) for key, c in zip(groups, claims, strict=True)}
         unused = {(key, m) for key, c in zip(groups, claims, strict=True) for m in c.won}
         broken: dict[int, Exception] = {}
+        interrupted = {key: c.interrupted for key, c in zip(groups, claims, strict=True)}
         for copies, claim in zip(groups.values(), claims, strict=True):
             for message in copies:
                 message.interrupted = sum(
@@ -84,7 +91,9 @@ class Dispatcher:
         try:
             outcomes = await asyncio.gather(
                 *(
-                    self._send_copies(copies, states[key], unused, now, summary, broken)
+                    self._send_copies(
+                        copies, states[key], interrupted[key], unused, now, summary, broken
+                    )
                     for key, copies in groups.items()
                 ),
                 return_exceptions=True,
@@ -106,6 +115,7 @@ class Dispatcher:
         self,
         copies: list[Message],
         states: dict[str, MemberState],
+        interrupted: frozenset[str],
         unused: set[tuple[str, str]],
         now: float,
         summary: CycleSummary,
@@ -114,7 +124,7 @@ class Dispatcher:
         for message in copies:
             with structlog.contextvars.bound_contextvars(uid=message.uid, message_id=message.ident):
                 try:
-                    await self._send(message, states, unused, now, summary)
+                    await self._send(message, states, interrupted, unused, now, summary)
                 except ForwarderError:
                     raise
                 except Exception as exc:  # this message cannot be sent as it is
@@ -124,12 +134,18 @@ class Dispatcher:
         self,
         message: Message,
         states: dict[str, MemberState],
+        interrupted: frozenset[str],
         unused: set[tuple[str, str]],
         now: float,
         summary: CycleSummary,
     ) -> None:
         wanted = [a for a in message.route.recipients if (message.key, normalize(a)) in unused]
-        if expired := [a for a in wanted if self._gave_up(states.get(normalize(a)), now)]:
+        expired = [
+            a
+            for a in wanted
+            if normalize(a) in interrupted and self._gave_up(states.get(normalize(a)), now)
+        ]
+        if expired:
             # Sends cut off again and again (crashes) until the retry deadline: give up.
             wanted = [a for a in wanted if a not in expired]
             await self._record(message, expired, {}, states, unused, now, summary)
@@ -147,6 +163,11 @@ class Dispatcher:
             await self._record(message, chunk, replies, states, unused, now, summary)
 
     def _gave_up(self, state: MemberState | None, now: float) -> bool:
+        """A member whose send was cut off (its claim expired) past the retry deadline.
+
+        A deferred member (a 4xx, no reply) due past the deadline is tried once more
+        instead, and fails on that attempt's refusal (`retry.classify`).
+        """
         return (
             state is not None
             and state.status is Status.PENDING

@@ -69,22 +69,34 @@ class ReplyCode(IntEnum):
 
 @dataclass(frozen=True)
 class Reply:
-    """The server's answer for one recipient: the RCPT reply if refused, else the DATA reply."""
+    """The server's answer for one recipient: the RCPT reply if refused, else the DATA reply.
 
-    code: int
+    `code` None stands for a reply that never came after the whole message was sent
+    (`no_reply`): the server may have delivered it or not. It is retried like a 4xx.
+    """
+
+    code: int | None
     text: str
 
     @property
     def accepted(self) -> bool:
-        return 200 <= self.code < 300
+        return self.code is not None and 200 <= self.code < 300
 
     @property
     def transient(self) -> bool:
-        return 400 <= self.code < 500
+        return self.code is None or 400 <= self.code < 500
 
     @property
     def about(self) -> Concern:
-        return concern(self.code, self.text)
+        return Concern.MEMBER if self.code is None else concern(self.code, self.text)
+
+
+def no_reply(detail: str) -> Reply:
+    """The message was sent to the end (the final dot), then `detail` (the connection lost,
+    no reply in time): the outcome is unknown. Counted as an attempt, with the back-off
+    and the deadline of a 4xx, rather than sent again at once to a server that may
+    have delivered it."""
+    return Reply(None, f"outcome unknown: {detail} after the message was sent")
 
 
 class Concern(Enum):

@@ -76,7 +76,9 @@ class Reporter:
             log.info("delivery_sent", **fields)
         elif d.status is Status.DEFERRED:
             summary.deferred += 1
-            log.warning("delivery_deferred", **fields, next_try=iso(d.next_try))
+            # no-reply: the whole message was sent, then no reply came: maybe delivered
+            reason = "no-reply" if d.code is None else "reply"
+            log.warning("delivery_deferred", **fields, reason=reason, next_try=iso(d.next_try))
         else:
             summary.failed += 1
             log.error("delivery_failed", **fields)

@@ -5,6 +5,13 @@ nothing about retries. Connection-level failures raise `SmtpError`, and a
 refusal of the forwarder itself (its envelope sender, login or relay
 permission, given to every recipient) raises `SubmissionRefused`: the caller
 records nothing for that message and tries again on the next cycle.
+
+A failure after the final dot of DATA is different: the server has the whole
+message and may have delivered it. `send` then returns `replies.no_reply` (code
+None, "outcome unknown") for the recipients it accepted, instead of raising, so
+that the caller counts an attempt rather than sending again at once; the
+connection is dropped and the next transaction opens a new one. Before the
+final dot nothing can have been delivered, and `SmtpError` is raised.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +41,22 @@ from forwarder.esmtp import (
     utf8_envelope,
 )
 from forwarder.mailbox import SmtpEndpoint
-from forwarder.replies import Reply, ReplyCode, about_the_message
+from forwarder.replies import Reply, ReplyCode, about_the_message, no_reply
 from forwarder.smtp_errors import submission_refused, transaction_error
 from forwarder.smtp_session import CONNECT_TIMEOUT, open_session
 from forwarder.wire import PIECE, data_pieces
 
 __all__ = ["Reply", "SmtpPool", "SmtpRelay", "probe_recipients"]
+
+
+@dataclass
+class _Progress:
+    """How far one transaction got: the replies of the refused recipients, the accepted
+    ones, and whether the final dot was written (from then on the outcome is unknown)."""
+
+    refused: dict[str, Reply] = field(default_factory=dict)
+    accepted: list[str] = field(default_factory=list)
+    dot_written: bool = False
 
 
 class SmtpRelay:
@@ -65,13 +83,23 @@ class SmtpRelay:
     async def send(
         self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
     ) -> dict[str, Reply]:
-        """One transaction. Returns each recipient's reply; raises SmtpError if the link fails.
+        """One transaction. Returns each recipient's reply; raises SmtpError if the link fails
+        before the final dot. After it, the accepted recipients get `no_reply` instead.
 
         One deadline (FORWARDER_SMTP_TIMEOUT, default 600 s: RFC 5321 4.5.3.2's 10 minutes
         for the final reply) covers the whole transaction: a timer per command would cost
         a task per command.
         """
-        return await self._guarded(self._transaction(mail_from, recipients, prefix, raw))
+        progress = _Progress()
+        try:
+            return await self._guarded(
+                self._transaction(mail_from, recipients, prefix, raw, progress)
+            )
+        except SmtpError as exc:
+            if not progress.dot_written:
+                raise  # nothing can have been delivered
+            unknown = no_reply(exc.detail or type(exc).__name__)
+            return {**progress.refused, **dict.fromkeys(progress.accepted, unknown)}
 
     async def probe(self, mail_from: str, recipients: Sequence[str]) -> dict[str, Reply]:
         """MAIL FROM and RCPT TO each recipient, then RSET: nothing is sent.
@@ -106,13 +134,19 @@ class SmtpRelay:
             raise transaction_error(exc, server=self.server) from None
 
     async def _transaction(
-        self, mail_from: str, recipients: Sequence[str], prefix: bytes, raw: bytes
+        self,
+        mail_from: str,
+        recipients: Sequence[str],
+        prefix: bytes,
+        raw: bytes,
+        progress: _Progress,
     ) -> dict[str, Reply]:
         replies, accepted = await self._envelope(mail_from, recipients, prefix, raw)
         if accepted:
             smtp = self._smtp
             assert smtp is not None
-            replies.update(dict.fromkeys(accepted, await self._data(smtp, prefix, raw)))
+            progress.refused, progress.accepted = replies, list(accepted)
+            replies.update(dict.fromkeys(accepted, await self._data(smtp, prefix, raw, progress)))
         return replies
 
     async def _probe(self, mail_from: str, recipients: Sequence[str]) -> dict[str, Reply]:
@@ -156,8 +190,14 @@ class SmtpRelay:
                 raise self._refused(mail_from, next(iter(replies.values())))
         return replies, accepted
 
-    async def _data(self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes) -> Reply:
-        """DATA, streamed: pieces are written as the socket drains, never a whole copy."""
+    async def _data(
+        self, smtp: aiosmtplib.SMTP, prefix: bytes, raw: bytes, progress: _Progress
+    ) -> Reply:
+        """DATA, streamed: pieces are written as the socket drains, never a whole copy.
+
+        `progress.dot_written` is set once the final dot is handed to the connection: a
+        failure from then on may come after the server delivered the message.
+        """
         response = await smtp.execute_command(b"DATA", timeout=None)
         if response.code != ReplyCode.START_DATA:
             return Reply(response.code, response.message)
@@ -173,6 +213,7 @@ class SmtpRelay:
                     break  # read the reply at once: no await between the dot and the read
                 if drain is not None:
                     await drain()
+        progress.dot_written = True
         response = await protocol.read_response(timeout=None)
         return Reply(response.code, response.message)
 

@@ -41,6 +41,8 @@ BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 LONG_BODY = b"".join(
     b"line %05d of a long body, to be cut in the middle\r\n" % i for i in range(2000)
 )
+# Larger than every socket buffer on the way: a cut in its DATA comes before the final dot.
+HUGE_BODY = LONG_BODY * 80
 T0 = time.time()
 LATER = T0 + 3600.0  # past the first retry (1 min), well within retry_for (5 days)
 
@@ -188,23 +190,6 @@ async def test_mail_from_5xx_raises_naming_the_envelope_sender_setting_and_marks
 # --------------------------------------------------------------------------- SMTP link faults
 
 
-async def test_disconnect_after_data_raises_leaves_unmarked_and_resends_next_cycle(
-    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
-) -> None:
-    smtp_sink.disconnect_after_data = 1
-    message_id = deliver(mailbox, "ambiguous", body=b"short\r\n")
-    with pytest.raises(ForwarderError, match="SMTP server"):
-        await forward_once(settings)
-    assert len(smtp_sink.received_then_dropped) == 1  # the server did get the bytes
-    assert smtp_sink.received == []
-    assert FORWARDED not in flags_by_id(mailbox)[message_id]
-
-    # No reply means no way to know: sending again (a possible duplicate) is the
-    # accepted ambiguous window; losing the message is not.
-    await forward_once(settings)
-    assert_all_forwarded_once(mailbox, smtp_sink, [message_id])
-
-
 async def test_smtp_server_down_at_cycle_start_raises_naming_it_and_delivers_once_back(
     mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
 ) -> None:
@@ -225,8 +210,15 @@ async def test_smtp_server_down_at_cycle_start_raises_naming_it_and_delivers_onc
 async def test_smtp_connection_dropped_mid_data_raises_naming_smtp_and_loses_nothing(
     mailbox: MailServer, smtp_sink: SmtpSink, smtp_proxy: FaultProxy, make_settings: MakeSettings
 ) -> None:
+    """Cut while the forwarder is still writing the DATA (before its final dot: the
+    message is larger than the socket buffers), nothing can have been delivered: the
+    cycle stops and the message goes out at the next one. (A cut once the final dot is
+    written is an unknown outcome: tests/test_ambiguous_send.py.)"""
     settings = make_settings(smtp_port=smtp_proxy.port)
-    ids = [deliver(mailbox, subject) for subject in ("first", "second", "third")]
+    ids = [
+        deliver(mailbox, subject, body=body)
+        for subject, body in (("first", LONG_BODY), ("second", HUGE_BODY), ("third", LONG_BODY))
+    ]
     fault = smtp_proxy.drop_after(1000, side="client", after=b"Subject: second #")
     with pytest.raises(ForwarderError) as error:
         await forward_once(settings)
@@ -237,23 +229,6 @@ async def test_smtp_connection_dropped_mid_data_raises_naming_smtp_and_loses_not
 
     await forward_once(settings)
     assert_all_forwarded_once(mailbox, smtp_sink, ids)
-
-
-async def test_data_reply_slower_than_smtp_timeout_raises_and_leaves_unmarked(
-    mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
-) -> None:
-    settings = make_settings(smtp_timeout=0.5)
-    smtp_sink.delay["DATA"] = 5.0
-    message_id = deliver(mailbox, "slow server", body=b"short\r\n")
-    started = time.monotonic()
-    with pytest.raises(ForwarderError, match="SMTP server"):
-        await forward_once(settings)
-    assert time.monotonic() - started < 4.0  # gave up on its own timeout
-    assert FORWARDED not in flags_by_id(mailbox)[message_id]
-
-    smtp_sink.delay.clear()
-    await forward_once(settings)
-    assert_all_forwarded_once(mailbox, smtp_sink, [message_id])
 
 
 async def test_smtp_connection_closed_by_the_server_between_cycles_is_reopened(
