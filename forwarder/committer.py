@@ -4,7 +4,9 @@ that arrive while one commit is being written to disk share the next one.
 One fsync then covers many transactions, so durability does not cap throughput.
 A failed commit (disk full, unwritable file) keeps the results in memory and
 raises `failed`: the cycle sends nothing more until `flush_unsaved` has written
-them, which is tried first thing on the next cycle.
+them, which is tried first thing on the next cycle. A process about to exit
+with results in memory (`once`) calls `save` instead: it tries again for a while,
+since what it cannot write is lost, and those deliveries would be sent again.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import structlog
+
 from forwarder.errors import StateError
 from forwarder.state import MessageResult, StateStore
+
+log = structlog.get_logger("forwarder.cycle")
+FIRST_WAIT = 0.5  # seconds before the first new try of `save`, doubled up to MAX_WAIT
+MAX_WAIT = 8.0
 
 
 class GroupCommitter:
@@ -32,6 +40,11 @@ class GroupCommitter:
     def failed(self) -> bool:
         """A commit failed and its results are not written yet: send nothing more."""
         return bool(self.unsaved)
+
+    @property
+    def unsaved_replies(self) -> int:
+        """(message, member) replies held in memory only."""
+        return sum(len(result.deliveries) for result in self.unsaved)
 
     async def commit(self, result: MessageResult) -> None:
         """Return once `result` is durable; raise StateError if it could not be written."""
@@ -62,10 +75,47 @@ class GroupCommitter:
                     future.set_result(None)
 
     async def flush_unsaved(self) -> int:
-        """Write results a failed commit left in memory. Raises StateError if still impossible."""
+        """Write results a failed commit left in memory; return how many replies. Raises
+        StateError if still impossible."""
         if not self.unsaved:
             return 0
         pending = list(self.unsaved)
         await asyncio.to_thread(self.store.record_results, self.mailbox, pending, self.clock())
         del self.unsaved[: len(pending)]
-        return len(pending)
+        return sum(len(result.deliveries) for result in pending)
+
+    async def save(self, patience: float) -> int:
+        """Write the results held in memory, trying again with back-off (0.5 s, 1, 2 ... 8 s)
+        for `patience` seconds: space may come back on a full disk. Returns the replies
+        written; raises StateError, saying how many are lost, if it still cannot."""
+        replies = self.unsaved_replies
+        if not replies:
+            return 0
+        deadline = time.monotonic() + patience
+        wait = FIRST_WAIT
+        said = False
+        while True:
+            try:
+                await self.flush_unsaved()
+            except StateError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StateError(
+                        f"{replies} replies of the SMTP server could not be written to the "
+                        f"state store in {patience:g} s: they are lost, and those deliveries "
+                        "will be sent again by the next run",
+                        advice="free space where the state store is, or fix its permissions",
+                    ) from None
+                if not said:
+                    said = True
+                    log.warning(
+                        "state_store_unwritable",
+                        replies=replies,
+                        retry_for=patience,
+                        error=str(exc),
+                    )
+                await asyncio.sleep(min(wait, left))
+                wait = min(wait * 2, MAX_WAIT)
+                continue
+            log.info("state_store_recovered", results_written=replies)
+            return replies

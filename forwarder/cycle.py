@@ -131,6 +131,7 @@ class Forwarder:
             try:
                 if saved := await self.committer.flush_unsaved():
                     log.info("state_store_recovered", results_written=saved)
+                await self.dispatcher.release_leftovers()
                 await self.connect()
                 await self._cycle(summary)
                 await self._store(self.reporter.prune, self.options.state_retention)
@@ -140,6 +141,13 @@ class Forwarder:
             finally:
                 await self._store(self.reporter.cycle, summary, error)
         return summary
+
+    async def save_results(self, patience: float) -> None:
+        """Before the process exits: write the replies a failed commit left in memory, for
+        up to `patience` seconds (`GroupCommitter.save`), then give back the claims it
+        kept. Raises StateError, saying how many replies are lost, if it cannot."""
+        if await self.committer.save(patience):
+            await self.dispatcher.release_leftovers()
 
     async def _cycle(self, summary: CycleSummary) -> None:
         name = self.mailbox.name

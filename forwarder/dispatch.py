@@ -5,8 +5,10 @@ claims won are sent: with several instances on one store, each (message, member)
 goes out once. Copies of one message (same key) are sent in turn, so that a
 member two copies are for receives one; different messages go out concurrently
 over the SMTP pool. Every reply is committed (group commit) before the message
-goes on. After a failed commit nothing more is sent; claims never used are given
-back, so those members are due again at once.
+goes on. After a failed commit nothing more is sent, not even a transaction
+that was waiting for a connection of the pool; claims never used are given back,
+so those members are due again at once (after a failed commit, once the results
+are written: `release_leftovers`).
 
 A send cut off after its final dot has no reply (`replies.no_reply`): it counts as
 an attempt, deferred with the back-off and deadline of a 4xx. A send cut off
@@ -66,6 +68,7 @@ class Dispatcher:
         self.retry_for = retry_for
         self.clock = clock
         self.stopping = False  # set by the daemon: finish the transactions in flight only
+        self.leftovers: set[tuple[str, str]] = set()  # claims not given back (a failed commit)
 
     async def dispatch(
         self, messages: list[Message], summary: CycleSummary
@@ -99,7 +102,9 @@ class Dispatcher:
                 return_exceptions=True,
             )
         finally:
-            if unused and not self.committer.failed:
+            if self.committer.failed:  # given back once the results are written
+                self.leftovers |= unused
+            elif unused:
                 try:
                     await asyncio.to_thread(
                         self.store.release, self.mailbox.name, sorted(unused), self.owner
@@ -110,6 +115,13 @@ class Dispatcher:
             if isinstance(outcome, BaseException):
                 raise outcome
         return states, broken
+
+    async def release_leftovers(self) -> None:
+        """Give back the claims a failed commit kept (the store is writable again), so that
+        those members are due at once rather than counted as cut off."""
+        if self.leftovers:
+            leftovers, self.leftovers = sorted(self.leftovers), set()
+            await asyncio.to_thread(self.store.release, self.mailbox.name, leftovers, self.owner)
 
     async def _send_copies(
         self,

@@ -21,6 +21,9 @@ from forwarder.state import StateStore
 
 log = structlog.get_logger("forwarder")
 T = TypeVar("T")
+# How long `once` keeps trying to write replies a failed commit left in memory before it
+# exits without them (those deliveries are then sent again by the next run).
+SAVE_PATIENCE = 60.0
 
 
 def report(exc: ForwarderError, event: str) -> int:
@@ -77,6 +80,10 @@ async def run_once(
             except ForwarderError as exc:
                 status = max(status, report(exc, "cycle_failed"))
             finally:
+                try:  # no exit with replies only in memory while they may still be written
+                    await forwarder.save_results(SAVE_PATIENCE)
+                except ForwarderError as exc:
+                    status = max(status, report(exc, "replies_lost"))
                 await forwarder.close()
         return status
     finally:

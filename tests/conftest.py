@@ -33,6 +33,7 @@ pytest_plugins = [
     "tests.servers.journald",
     "tests.faults",
     "tests.imap_faults",
+    "tests.disk",  # a small tmpfs that fills up
     "tests.deployment",  # the project installed in a systemd container
 ]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 from collections import Counter
-from collections.abc import Sequence
 
 import pytest
 from structlog.testing import capture_logs
@@ -22,13 +21,12 @@ from forwarder.errors import SmtpError, StateError
 from forwarder.replies import Reply
 from forwarder.retry import backoff
 from forwarder.smtp_relay import SmtpRelay
-from forwarder.sqlite_store import SqliteStateStore
-from forwarder.state import MessageResult
 from forwarder.status import show_status
 from tests.conftest import ADMIN, LISTS, MakeSettings, forward_once, make_forwarder
 from tests.faults import FaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
+from tests.test_durability import FlakyStore
 
 CONTACT = "contact@example.org"
 MEMBERS = LISTS[CONTACT]
@@ -214,7 +212,8 @@ async def test_a_send_cut_off_by_a_crash_is_given_up_at_the_retry_deadline_witho
     retry_for = 3600.0
     settings = make_settings(retry_for=retry_for)
     mailbox.deliver(build_message(), [CONTACT])
-    store = ReplyLost(settings.state_db)
+    store = FlakyStore(settings.state_db)
+    store.full = True  # no reply is committed: a process killed right after its sends
     forwarder = make_forwarder(settings, store, now=T0)
     with pytest.raises(StateError):
         await forwarder.run_cycle()  # sent; the replies die with the process
@@ -245,11 +244,3 @@ async def test_a_deferred_member_due_past_the_deadline_gets_one_last_attempt(
     await forward_once(settings, now=T0 + 60)
     assert Counter(r for m in smtp_sink.received for r in m.rcpt_tos) == Counter(MEMBERS)
     assert flags(mailbox) == [{FORWARDED, b"\\Seen"}]
-
-
-class ReplyLost(SqliteStateStore):
-    """The real store, but no reply is ever committed: a process killed right after its
-    sends."""
-
-    def record_results(self, mailbox: str, results: Sequence[MessageResult], now: float) -> None:
-        raise StateError(f"state store {self.path}: write failed (killed)")
