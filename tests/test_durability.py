@@ -155,3 +155,29 @@ def test_state_store_is_wal_with_full_fsync(tmp_path: Path) -> None:
         assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         store.close()
+
+
+async def test_messages_waiting_for_a_connection_are_not_sent_after_a_failed_commit(
+    mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
+) -> None:
+    for n in range(20):
+        mailbox.deliver(build_message(subject=f"queued {n}"), ["direction@example.org"])
+    settings = make_settings(smtp_connections=1)
+    store = FlakyStore(settings.state_db)
+    fwd = make_forwarder(settings, store)
+    real_record = store.record_results
+
+    def fill_up_after_the_first(box: str, results: Sequence[MessageResult], now: float) -> None:
+        real_record(box, results, now)
+        store.full = True  # the disk is full from now on
+
+    store.record_results = fill_up_after_the_first  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StateError):
+            await fwd.run_cycle()
+    finally:
+        await fwd.close()
+        store.close()
+    # The first commit fills the disk; the next reply cannot be committed: at most the
+    # one transaction in flight on the one connection goes out after it, not the queue.
+    assert len(smtp_sink.received) <= 3
