@@ -173,6 +173,8 @@ class Forwarder:
         sizes = {u: i.size for u, i in info.found.items() if u not in elsewhere}
         if info.unreadable:  # the server cannot even say its size: quarantined
             await self._batch(uidvalidity, [], None, summary, info.unreadable)
+        if gone := [u for u in due if u not in info.found and u not in info.unreadable]:
+            await self._gone(uidvalidity, gone)
         o = self.options
         batches = list(
             fetch_batches(candidates, sizes, o.fetch_batch_bytes, o.fetch_batch_messages)
@@ -295,6 +297,16 @@ class Forwarder:
             "state store may be working on this mailbox; run one",
         )
         records = [UidRecord(u, UidState.ELSEWHERE, reason="already $Forwarded") for u in uids]
+        await self._store(
+            self.store.record_uids, self.mailbox.name, uidvalidity, records, self.clock()
+        )
+
+    async def _gone(self, uidvalidity: int, uids: Sequence[int]) -> None:
+        """Open messages expunged from the folder (by a person, or a server's expiry):
+        closed, or they would be asked for at every cycle; their deliveries stay as they
+        are (`forwarder history` shows them)."""
+        log.warning("messages_expunged", uids=list(uids), reason="expunged while still open")
+        records = [UidRecord(u, UidState.GONE, reason="expunged") for u in uids]
         await self._store(
             self.store.record_uids, self.mailbox.name, uidvalidity, records, self.clock()
         )

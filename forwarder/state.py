@@ -58,6 +58,7 @@ class UidState(StrEnum):
     QUARANTINED = "quarantined"  # unreadable or unsendable as it is: left for a person
     BASELINE = "baseline"  # marked handled without sending (`baseline`, UIDVALIDITY change)
     ELSEWHERE = "elsewhere"  # already marked $Forwarded by someone else: not sent
+    GONE = "gone"  # expunged from the folder while still open
 
     @property
     def final(self) -> bool:

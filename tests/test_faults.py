@@ -642,3 +642,25 @@ def test_sink_stop_closes_open_connections(smtp_sink: SmtpSink) -> None:
         with pytest.raises(smtplib.SMTPServerDisconnected):
             client.noop()
         client.close()
+
+
+async def test_an_open_message_expunged_by_a_person_is_closed_not_asked_for_again(
+    mailbox: MailServer, smtp_sink: SmtpSink, settings: Settings
+) -> None:
+    smtp_sink.rcpt_responses["bob@example.org"] = "451 4.2.0 mailbox busy"
+    deliver(mailbox, "deferred then deleted", body=b"short\r\n")
+    await forward_once(settings, now=T0)  # bob deferred: the message stays open
+    [(uid, _, _)] = mailbox.messages()
+    with mailbox.imap() as client:  # a person deletes it meanwhile
+        client.select_folder("INBOX")
+        client.delete_messages(client.search("ALL"))
+        client.expunge()
+        client.logout()
+    smtp_sink.rcpt_responses.clear()
+    with capture_logs() as first:
+        await forward_once(settings, now=LATER)
+    with capture_logs() as second:
+        await forward_once(settings, now=LATER + 3600)
+    assert [e["uids"] for e in first if e["event"] == "messages_expunged"] == [[uid]]
+    assert not [e for e in second if e["event"] == "messages_expunged"]
+    assert delivered(smtp_sink) == {"alice@example.org": 1}
