@@ -200,19 +200,25 @@ class Forwarder:
             if fetch is not None:
                 with suppress(ForwarderError):
                     await fetch
-        await self._complete(uidvalidity, summary)
+        # The batches raised the watermark to their highest new UID; new messages above it
+        # that were in no batch (already $Forwarded, unreadable, expunged) have a record too.
+        last = max(new, default=None)
+        await self._complete(uidvalidity, summary, None if last is None or last in sizes else last)
 
-    async def _complete(self, uidvalidity: int, summary: CycleSummary) -> None:
+    async def _complete(
+        self, uidvalidity: int, summary: CycleSummary, watermark: int | None = None
+    ) -> None:
         """Every message found was examined: remember when (see `_first_sight`)."""
         marked, self._marked = self._marked, []
         complete = not self.stopping and summary.started - self._completed >= COMPLETE_EVERY
-        if marked or complete:  # an empty poll writes nothing
+        if marked or complete or watermark is not None:  # an empty poll writes nothing
             await self._store(
                 self.store.record_uids,
                 self.mailbox.name,
                 uidvalidity,
                 [],
                 self.clock(),
+                watermark=watermark,
                 complete_through=summary.started if complete else None,
                 marked=marked,
             )
