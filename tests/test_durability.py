@@ -80,27 +80,6 @@ async def test_results_that_could_not_be_committed_are_written_first_and_not_res
     assert FORWARDED in flags
 
 
-async def test_transactions_waiting_for_a_connection_are_not_sent_after_a_failed_commit(
-    mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
-) -> None:
-    settings = make_settings(smtp_connections=1)  # the two others wait for it
-    for subject in ("first", "second", "third"):
-        mailbox.deliver(build_message(subject=subject), ["contact@example.org"])
-    smtp_sink.delay["DATA"] = 0.2  # the first commit fails while the second is in flight
-    store = FlakyStore(settings.state_db)
-    store.full = True  # the claims are written; the first reply's commit fails
-    fwd = make_forwarder(settings, store)
-    try:
-        with pytest.raises(StateError):
-            await fwd.run_cycle()
-    finally:
-        await fwd.close()
-        store.close()
-    # The first, and the second, which took the connection while the first reply was
-    # being written; not the third, which got it after that commit failed.
-    assert len(smtp_sink.received) == 2
-
-
 async def test_unexpected_error_on_one_message_quarantines_it_and_the_rest_go_on(
     mailbox: MailServer,
     smtp_sink: SmtpSink,
