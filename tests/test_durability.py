@@ -142,11 +142,15 @@ async def test_messages_waiting_for_a_connection_are_not_sent_after_a_failed_com
     for n in range(20):
         mailbox.deliver(build_message(subject=f"queued {n}"), ["direction@example.org"])
     settings = make_settings(smtp_connections=1)
+    smtp_sink.delay["DATA"] = 0.1  # a transaction lasts longer than a commit
     store = FlakyStore(settings.state_db)
     fwd = make_forwarder(settings, store)
     real_record = store.record_results
+    sent_at_failure: list[int] = []
 
     def fill_up_after_the_first(box: str, results: Sequence[MessageResult], now: float) -> None:
+        if store.full and not sent_at_failure:
+            sent_at_failure.append(len(smtp_sink.received))
         real_record(box, results, now)
         store.full = True  # the disk is full from now on
 
@@ -157,6 +161,9 @@ async def test_messages_waiting_for_a_connection_are_not_sent_after_a_failed_com
     finally:
         await fwd.close()
         store.close()
-    # The first commit fills the disk; the next reply cannot be committed: at most the
-    # one transaction in flight on the one connection goes out after it, not the queue.
-    assert len(smtp_sink.received) <= 3
+    # The first commit fills the disk; the next one fails. After that failure, at most
+    # the transaction in flight on the one connection finishes, and the one that took
+    # the connection before the failure was seen; not the queue. (How many went out
+    # while the first commit was being written depends on the disk's speed.)
+    [sent] = sent_at_failure
+    assert len(smtp_sink.received) <= sent + 2 < 20
