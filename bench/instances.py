@@ -75,6 +75,7 @@ class Instances:
         self.cluster = cluster
         self.n = bench.opts.messages
         self.runs: dict[str, dict[str, Any]] = {}
+        self.made = 0
         self.servers = Servers(
             {
                 "postgresql": int((cluster.data_dir / "postmaster.pid").read_text().split()[0]),
@@ -86,7 +87,8 @@ class Instances:
     # ------------------------------------------------------------------ helpers
 
     def env(self, name: str, url: str | None, **extra: str) -> dict[str, str]:
-        env = self.bench.env(self.bench.workdir / f"{name}.db", **extra)
+        self.made += 1  # a new SQLite file each time, like a new database
+        env = self.bench.env(self.bench.workdir / f"{name}-{self.made}.db", **extra)
         if url is not None:
             del env["FORWARDER_STATE_DB"]
             env["FORWARDER_STATE_URL"] = url
