@@ -166,14 +166,23 @@ def wait_until(condition: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+TAKEOVER_AFTER = 2.0  # short: the kill test waits for takeovers
+STEADY_TAKEOVER_AFTER = 30.0  # long: no lease may end under load in a test without kills
+
+
 @pytest.fixture
 def two_instances(
-    env_for_subprocess: dict[str, str], postgres_db: PostgresDatabase, tmp_path: Path
+    request: pytest.FixtureRequest,
+    env_for_subprocess: dict[str, str],
+    postgres_db: PostgresDatabase,
+    tmp_path: Path,
 ) -> Iterator[tuple[Instance, Instance]]:
+    """Two `forwarder run` on one database; the lease is the test's `takeover_after`
+    parameter (indirect), TAKEOVER_AFTER by default."""
     env = {k: v for k, v in env_for_subprocess.items() if k != "FORWARDER_STATE_DB"}
     env |= {
         "FORWARDER_STATE_URL": postgres_db.url,
-        "FORWARDER_TAKEOVER_AFTER": str(TAKEOVER_AFTER),
+        "FORWARDER_TAKEOVER_AFTER": str(getattr(request, "param", TAKEOVER_AFTER)),
         "FORWARDER_POLL_INTERVAL": "1",
         "FORWARDER_FETCH_BATCH_MESSAGES": "10",
     }
@@ -183,9 +192,6 @@ def two_instances(
     for instance in instances:
         if instance.pid is not None:
             instance.signal(signal.SIGKILL)
-
-
-TAKEOVER_AFTER = 1.5
 
 
 def test_two_instances_whose_lease_holder_is_killed_at_random_send_each_pair_once(
@@ -271,6 +277,7 @@ def events(instance: Instance) -> list[dict[str, object]]:
     return found
 
 
+@pytest.mark.parametrize("two_instances", [STEADY_TAKEOVER_AFTER], indirect=True)
 def test_the_instance_without_the_lease_sends_nothing(
     mailbox: MailServer,
     smtp_sink: SmtpSink,
