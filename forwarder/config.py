@@ -51,6 +51,14 @@ _PG_SCHEMES = ("postgresql://", "postgres://")
 SHOWN_NAMES = 20  # an unknown --mailbox lists at most this many known names
 
 
+def parse_address(text: str) -> tuple[str, int]:
+    """A listening address, `host:port` or `[v6]:port` -> (host, port); ValueError if not."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:9464)")
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0", int(port)
+
+
 class ProcessSettings(BaseModel):
     """Process-wide settings. Pass them explicitly; never a global."""
 
@@ -69,6 +77,8 @@ class ProcessSettings(BaseModel):
     retry_for: Duration = 5 * 24 * 3600.0
     state_retention: Duration = 90 * 24 * 3600.0
     mailboxes_file: Path | None = None
+    imap_connections: int = Field(default=2, ge=1, le=2)  # `run`: 1 = IDLE on the cycle's
+    metrics_address: str | None = None  # `run`: HOST:PORT of the Prometheus metrics
 
     _sources: ConfigSources | None = PrivateAttr(default=None)
     _state_db_default: bool = PrivateAttr(default=False)
@@ -78,10 +88,17 @@ class ProcessSettings(BaseModel):
     def _lowercase(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("tls_ca_file", "mailboxes_file", mode="before")
+    @field_validator("tls_ca_file", "mailboxes_file", "metrics_address", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_address(value)  # its ValueError says what is expected
+        return value
 
     @field_validator("state_url", "state_password", mode="before")
     @classmethod

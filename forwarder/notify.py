@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import structlog
@@ -91,6 +92,12 @@ class Notifier:
 
     def stopping(self) -> bool:
         return self.notify(STOPPING=1)
+
+    def reloading(self) -> bool:
+        """RELOADING=1 (with MONOTONIC_USEC, which systemd 253 and later want); READY=1
+        says the reload is over."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.notify(RELOADING=1, MONOTONIC_USEC=usec)
 
     def status(self, text: str) -> bool:
         return self.notify(STATUS=text)

@@ -5,9 +5,10 @@ and the pruning of old records. The cycle's pipeline calls it; it sends nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 
@@ -50,8 +51,16 @@ class CycleSummary:
         return not any(self.as_dict().values())
 
 
+class ReportObserver(Protocol):
+    """Told each message's outcome and each delivery's status (the daemon's metrics)."""
+
+    def message(self, outcome: str) -> None: ...
+
+    def delivery(self, lists: Iterable[str], status: Status) -> None: ...
+
+
 class Reporter:
-    """Log events and cycle records of one mailbox."""
+    """Log events and cycle records of one mailbox (and its `observer`, if set)."""
 
     def __init__(
         self, store: StateStore, mailbox: str, clock: Callable[[], float] = time.time
@@ -59,6 +68,7 @@ class Reporter:
         self.store = store
         self.mailbox = mailbox
         self.clock = clock
+        self.observer: ReportObserver | None = None
         self._last_prune = 0.0
 
     def delivery(self, d: Delivery, message: Message, summary: CycleSummary) -> None:
@@ -82,9 +92,13 @@ class Reporter:
         else:
             summary.failed += 1
             log.error("delivery_failed", **fields)
+        if self.observer is not None:
+            self.observer.delivery(message.route.lists, d.status)
 
     def message(self, message: Message, waiting: list[str], failed: list[str]) -> None:
         outcome = "deferred" if waiting else ("failed" if failed else "forwarded")
+        if self.observer is not None:
+            self.observer.message(outcome)
         recipients = message.route.recipients
         log.info(
             "message_" + outcome,
@@ -104,10 +118,14 @@ class Reporter:
         )
 
     def skipped(self, uid: int, message_id: str | None, reason: str, size: int) -> None:
+        if self.observer is not None:
+            self.observer.message("skipped")
         log.info("message_skipped", uid=uid, message_id=message_id, reason=reason, size=size)
 
     def quarantined(self, uid: int, exc: Exception, size: int | None, *, expected: bool) -> None:
         """A message left for a person; an unexpected error also logs its traceback."""
+        if self.observer is not None:
+            self.observer.message("quarantined")
         log.error(
             "message_quarantined",
             uid=uid,

@@ -490,6 +490,17 @@ class SqliteStateStore:
         with self._transaction() as db:
             return sqlite_ops.requeue(db, mailbox, uidvalidity, deliveries, uids, now)
 
+    def deferred_counts(self) -> dict[str, int]:
+        with self._reading() as db:
+            rows = db.execute(
+                # only the rows in play, through their partial index (the planner would
+                # rather scan the whole table to group by mailbox)
+                "SELECT mailbox, COUNT(*) FROM deliveries INDEXED BY deliveries_due "
+                "WHERE status IN ('pending', 'deferred') AND status = 'deferred' "
+                "GROUP BY mailbox"
+            ).fetchall()
+        return {mailbox: count for mailbox, count in rows}
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

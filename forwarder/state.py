@@ -327,4 +327,9 @@ class StateStore(Protocol):
         """
         ...
 
+    def deferred_counts(self) -> dict[str, int]:
+        """Deliveries waiting for a retry now, per mailbox (mailboxes with none are left
+        out). Cheap enough for every metrics scrape: only deliveries in play are read."""
+        ...
+
     def close(self) -> None: ...

@@ -35,6 +35,7 @@ pytest_plugins = [
     "tests.imap_faults",
     "tests.disk",  # a small tmpfs that fills up
     "tests.deployment",  # the project installed in a systemd container
+    "tests.daemon_process",
 ]
 
 LISTS: dict[str, list[str]] = {

@@ -15,6 +15,11 @@ any time:
   has sent ``n`` more bytes after the marker ``after`` (or after the start
   of the connection).  Exactly those ``n`` bytes are passed on, then both
   ends are aborted.  The returned :class:`Fault` has a ``triggered`` event.
+* ``stall_after(n, side=..., after=...)``: the same, but instead of aborting,
+  the connection stays open and ``side`` goes silent: nothing more it sends
+  is passed on until ``fault.release()`` (or the proxy stops); the other
+  direction goes on.  A server that stops answering, a client whose data
+  never arrives.
 
 With ``record=True`` the bytes passed on are kept, all connections together:
 ``recorded("client")`` and ``recorded("server")``, e.g. to check that no
@@ -55,10 +60,16 @@ class Fault:
     side: Side
     nbytes: int
     after: bytes = b""
+    stall: bool = False  # go silent instead of aborting
     triggered: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
 
     def wait(self, timeout: float = 10.0) -> bool:
         return self.triggered.wait(timeout)
+
+    def release(self) -> None:
+        """A stalled side speaks again: what it sent meanwhile is passed on."""
+        self.released.set()
 
 
 @dataclass(eq=False)
@@ -116,6 +127,7 @@ class FaultProxy:
         self.port = 0
         self.accepted = 0  # connections accepted since start()
         self._faults: list[Fault] = []
+        self._stalls: list[Fault] = []  # released when the proxy drops its connections
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,6 +198,16 @@ class FaultProxy:
             self._faults.append(fault)
         return fault
 
+    def stall_after(self, nbytes: int, *, side: Side, after: bytes = b"") -> Fault:
+        """Arm a one-shot stall (see the module docstring)."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        fault = Fault(side, nbytes, after, stall=True)
+        with self._lock:
+            self._faults.append(fault)
+            self._stalls.append(fault)
+        return fault
+
     def disarm(self) -> None:
         """Forget the faults that have not triggered yet."""
         with self._lock:
@@ -225,6 +247,9 @@ class FaultProxy:
             server.close()
 
     async def _drop_all(self) -> int:
+        with self._lock:
+            for fault in self._stalls:
+                fault.release()
         links = list(self._links)
         for link in links:
             link.abort()
@@ -275,6 +300,12 @@ class FaultProxy:
                 fault, cut = hit
                 self._write(writer, side, chunk[:cut])
                 await writer.drain()
+                if fault.stall:
+                    fault.triggered.set()
+                    await asyncio.to_thread(fault.released.wait)
+                    self._write(writer, side, chunk[cut:])
+                    await writer.drain()
+                    continue
                 link.abort()
                 fault.triggered.set()
                 return

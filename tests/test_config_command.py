@@ -238,10 +238,3 @@ def test_an_unreadable_credential_file_is_exit_2_in_one_line(
         f"file {credentials / 'imap_password'} ("
     )
     assert "Traceback" not in result.stderr
-
-
-def test_run_refuses_a_mailboxes_file_with_several_mailboxes(two_folders: dict[str, str]) -> None:
-    """`run` serves one mailbox so far: it must not leave the others silently unserved."""
-    result = forwarder(two_folders, "run")
-    assert result.returncode == 2
-    assert "FORWARDER_MAILBOXES_FILE: `forwarder run` serves a single mailbox" in result.stderr

@@ -2,94 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.daemon_process import Daemon
 from tests.imap_faults import ImapFaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
-
-
-class Daemon:
-    """A `forwarder run` process whose JSON log lines are read as they come."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "run"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.events: list[dict[str, object]] = []
-        self.lines: list[str] = []  # all of stdout, as written
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if line.startswith("{"):
-                with self._changed:
-                    self.events.append(json.loads(line))
-                    self._changed.notify_all()
-
-    def wait_for_event(self, name: str, timeout: float = 20) -> dict[str, object]:
-        with self._changed:
-            found = self._changed.wait_for(
-                lambda: any(e["event"] == name for e in self.events), timeout
-            )
-            assert found, f"no {name} event in {[e['event'] for e in self.events]}"
-            return next(e for e in self.events if e["event"] == name)
-
-    def stop(self) -> tuple[int, list[dict[str, object]], str]:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=10)
-        self._reader.join(5)
-        assert self.process.stderr is not None
-        stderr = self.process.stderr.read()
-        self.close()
-        return self.process.returncode, self.events, stderr
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        self._reader.join(5)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture
-def daemon_env(env_for_subprocess: dict[str, str]) -> dict[str, str]:
-    env_for_subprocess["FORWARDER_POLL_INTERVAL"] = "3600"  # only IDLE can be quick
-    return env_for_subprocess
-
-
-@pytest.fixture
-def start_daemon() -> Iterator[type[Daemon]]:
-    started: list[Daemon] = []
-
-    class Tracked(Daemon):
-        def __init__(self, env: dict[str, str]) -> None:
-            super().__init__(env)
-            started.append(self)
-
-    yield Tracked
-    for daemon in started:
-        daemon.close()
 
 
 def test_new_mail_is_forwarded_through_idle_without_waiting_for_the_poll(

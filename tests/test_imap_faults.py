@@ -5,6 +5,7 @@ a provider's behaviour is needed."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 
@@ -80,21 +81,16 @@ def test_wrong_password_is_refused_credentials_naming_the_settings(
     assert "wrong-pw" not in str(error.value)
 
 
-def test_idle_watcher_retries_a_refused_login_and_idles_once_the_slot_is_free(
+async def test_idle_watcher_refused_for_now_ends_with_busy_and_wakes_the_worker(
     imap_faults: ImapFaultProxy, other_session: threading.Event, make_settings: MakeSettings
 ) -> None:
     imap_faults.max_logins = 1
-    woken = threading.Event()
+    woken = asyncio.Event()
     watcher = IdleWatcher(make_settings(imap_port=imap_faults.port).mailboxes()[0].imap, woken.set)
     with capture_logs() as events:
-        watcher.start()
-        try:
-            assert imap_faults.refusal_seen.wait(10)
-            other_session.set()  # the other client logs out
-            assert woken.wait(20), [e["event"] for e in events]
-        finally:
-            watcher.stop()
-    assert "idle_refused" in [e["event"] for e in events]
+        await asyncio.wait_for(watcher.run(), 20)  # the worker then idles on its own connection
+    assert watcher.busy is not None and "[LIMIT]" in str(watcher.busy)
+    assert woken.is_set()
     assert "idle_failed" not in [e["event"] for e in events]
 
 

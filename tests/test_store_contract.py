@@ -259,6 +259,18 @@ def test_report_counts_deliveries_messages_and_cycles(store: StateStore) -> None
     assert store.report("other", failed_limit=10).deliveries == {}
 
 
+def test_deferred_counts_are_per_mailbox_and_only_deferred(store: StateStore) -> None:
+    store.claim(BOX, [request_for("k", "a@x.org", "b@x.org", "c@x.org")], "one", T0, LEASE)
+    store.record_results(
+        BOX, [result("k", later("a@x.org", T0 + 60), later("b@x.org", T0 + 60))], T0
+    )  # c stays pending (claimed)
+    store.claim("other", [request_for("k", "a@x.org", "d@x.org")], "one", T0, LEASE)
+    store.record_results("other", [result("k", later("a@x.org", T0 + 60), ok("d@x.org"))], T0)
+    store.claim("third", [request_for("j", "a@x.org")], "one", T0, LEASE)
+    store.record_results("third", [result("j", refused("a@x.org"))], T0)
+    assert store.deferred_counts() == {BOX: 2, "other": 1}
+
+
 def test_report_shows_at_most_the_failed_limit(store: StateStore) -> None:
     for n in range(5):
         store.claim(BOX, [request_for(f"k{n}", "a@x.org")], "one", T0, LEASE)
