@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from forwarder.config import Settings, env_name
+from forwarder.config import Settings
+from forwarder.config_sources import env_name
 from forwarder.factory import cycle_options
 from forwarder.mailbox import Mailbox
 
