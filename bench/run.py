@@ -50,7 +50,7 @@ LISTS: dict[str, list[str]] = {
     "direction@example.org": ["dave@example.org"],
 }
 LIST_ADDRESSES = list(LISTS)
-PHASES = ("throughput", "latency", "memory", "scale", "instances", "folder")
+PHASES = ("throughput", "latency", "memory", "scale", "instances", "folder", "mailboxes")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).with_name("results.json")
 QUICK_RESULTS = Path(__file__).with_name("results-quick.json")
@@ -501,6 +501,13 @@ class Bench:
 
         FolderScale(self)()
 
+    # ------------------------------------------------------------------- 7. mailboxes
+
+    def mailboxes(self) -> None:
+        from bench.mailboxes import Mailboxes
+
+        Mailboxes(self)()
+
     def _big_lists(self) -> dict[str, list[str]]:
         rng = random.Random(20261124)
         domains = ("example.org", "example.net", "example.com")
@@ -887,6 +894,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--folder-runs", type=int, help="runs of each folder for the folder figure (default 9)"
     )
     parser.add_argument(
+        "--mailboxes", type=int, help="catch-alls in one forwarder run (default 1,000; quick 100)"
+    )
+    parser.add_argument(
+        "--mailbox-messages",
+        type=int,
+        help="messages to random mailboxes for the mailboxes figure (default 300; quick 60)",
+    )
+    parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}"
     )
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results.json)")
@@ -900,6 +915,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opts.store_runs = opts.store_runs or (2 if quick else 7)
     opts.folder_messages = opts.folder_messages or (10_000 if quick else 100_000)
     opts.folder_runs = opts.folder_runs or (3 if quick else 9)
+    opts.mailboxes = opts.mailboxes or (100 if quick else 1000)
+    opts.mailbox_messages = opts.mailbox_messages or (60 if quick else 300)
     opts.output = opts.output or (QUICK_RESULTS if quick else RESULTS)
     opts.phases = [p.strip() for p in opts.phases.split(",") if p.strip()]
     unknown = set(opts.phases) - set(PHASES)
@@ -943,6 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "scale": bench.scale,
                 "instances": bench.instances,
                 "folder": bench.folder,
+                "mailboxes": bench.mailboxes,
             }
             for phase in PHASES:
                 if phase in opts.phases:
