@@ -25,6 +25,7 @@ class ForwarderProcess:
             text=True,
         )
         self.events: list[Event] = []
+        self.lines: list[str] = []  # all of stdout, as written
         self._ended = False  # stdout closed: no event will come
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -33,6 +34,7 @@ class ForwarderProcess:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            self.lines.append(line)
             if line.startswith("{"):
                 with self._changed:
                     self.events.append(json.loads(line))
