@@ -111,6 +111,12 @@ class Dispatcher:
                     )
                 except StateError as exc:
                     log.warning("claims_not_released", error=str(exc), count=len(unused))
+                else:  # due again at once, not when the claim would have ended
+                    for key, member in unused:
+                        was = states[key][member]
+                        states[key][member] = MemberState(
+                            Status.DEFERRED, was.attempts, was.first_try, None
+                        )
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

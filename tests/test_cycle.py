@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 from collections import Counter
@@ -12,7 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from forwarder.config import Settings
-from tests.conftest import ADMIN, MakeSettings, forward_once
+from forwarder.sqlite_store import SqliteStateStore
+from tests.conftest import ADMIN, MakeSettings, forward_once, make_forwarder
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
 
@@ -352,3 +354,28 @@ async def test_backlog_is_read_in_batches_and_fully_forwarded(
     summary = await forward_once(make_settings(fetch_batch_messages=batch))
     assert summary.forwarded == 5
     assert delivered(smtp_sink) == {"dave@example.org": 5}
+
+
+async def test_messages_left_unsent_by_a_stop_go_out_at_the_next_cycle(
+    mailbox: MailServer, smtp_sink: SmtpSink, make_settings: MakeSettings
+) -> None:
+    """A stop finishes the transactions in flight and gives the other claims back: those
+    members are due at once, not when the claims would have ended (the claim lease)."""
+    settings = make_settings(smtp_connections=1)
+    for subject in ("first", "second", "third"):
+        mailbox.deliver(build_message(subject=subject), ["direction@example.org"])
+    smtp_sink.delay["DATA"] = 0.3
+    store = SqliteStateStore(settings.state_db)
+    forwarder = make_forwarder(settings, store)
+    try:
+        cycle = asyncio.create_task(forwarder.run_cycle())
+        await asyncio.to_thread(smtp_sink.wait_for, 1)  # the first is sent, two wait
+        forwarder.stopping = True  # as SIGTERM does
+        await cycle
+    finally:
+        await forwarder.close()
+        store.close()
+    assert len(smtp_sink.received) <= 2  # the one in flight when asked to stop
+    smtp_sink.delay.clear()
+    await forward_once(settings)  # a restart, moments later
+    assert delivered(smtp_sink) == {"dave@example.org": 3}
