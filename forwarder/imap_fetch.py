@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
+import structlog
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
 
 from forwarder.errors import ImapError, UnreadableMessage
 from forwarder.imap_errors import TEMPORARY_CODES, response_code
 
+log = structlog.get_logger("forwarder.imap")
 PARTIAL_FETCH = 256 * 1024  # larger messages are read in parts of this size
 EXPUNGED = "EXPUNGEISSUED"  # RFC 5530: the message went away meanwhile
 T = TypeVar("T")
@@ -108,6 +110,7 @@ def read_resilient(
         code = response_code(text)
         if code in TEMPORARY_CODES - {"SERVERBUG"}:
             raise ImapError(f"FETCH refused for now ({text})", server=server)
+        log.debug("fetch_refused", uids=len(chunk), first_uid=chunk[0], error=text)
         if len(chunk) > 1:
             half = len(chunk) // 2
             stack += [chunk[half:], chunk[:half]]

@@ -57,6 +57,18 @@ class ForwarderProcess:
         assert event is not None, f"no {name} event in {self.names()}"
         return event
 
+    def wait_for_count(self, names: tuple[str, ...], count: int = 1, timeout: float = 60) -> bool:
+        """Wait until `count` events named one of `names` have come: False if the output
+        ended first (the process exited)."""
+
+        def seen() -> int:
+            return sum(1 for e in self.events if e["event"] in names)
+
+        with self._changed:
+            return self._changed.wait_for(lambda: seen() >= count or self._ended, timeout) and (
+                seen() >= count
+            )
+
     def names(self) -> list[object]:
         with self._changed:
             return [e["event"] for e in self.events]
