@@ -145,18 +145,20 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_only_the_ambiguo
     smtp_sink.delay = {"DATA": 0.2}  # so that kills land while transactions are in flight
     ledger = Ledger("random moments", smtp_sink, state_db)
     while ledger.kills < kills_wanted:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "once"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        time.sleep(rng.uniform(0.3, 0.9))  # the moment of the kill, not a readiness wait
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-        _, stderr = process.communicate(timeout=30)
-        assert process.returncode in (0, KILLED), stderr
-        ledger.after_run(process.returncode == KILLED)
+        run = ForwarderProcess(env, "once")
+        try:
+            # The moment of the kill: mostly while it sends (counted from its first reply,
+            # so that a slow start on a loaded machine does not move every kill before
+            # it), sometimes anywhere from its start.
+            if rng.random() < 0.25 or run.wait_for_count(("delivery_sent",)):
+                time.sleep(rng.uniform(0, 0.6))
+            if run.process.poll() is None:
+                run.send(signal.SIGKILL)
+            status, stderr = run.wait()
+        finally:
+            run.close()
+        assert status in (0, KILLED), stderr
+        ledger.after_run(status == KILLED)
     ledger.finish(env, expected)
     assert all(b"$Forwarded" in flags for _, flags, _ in mailbox.messages())
 
