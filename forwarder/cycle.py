@@ -34,7 +34,7 @@ from forwarder.imap_source import (
 from forwarder.mailbox import Mailbox
 from forwarder.plan import Message, fetch_batches, outcome, prepare, seen_before
 from forwarder.reporting import CycleSummary, Reporter
-from forwarder.smtp_relay import SmtpPool
+from forwarder.smtp_pool import SmtpPool
 from forwarder.state import FolderState, StateStore, UidRecord, UidState
 
 log = structlog.get_logger("forwarder.cycle")

@@ -34,7 +34,7 @@ from forwarder.replies import Reply, no_reply
 from forwarder.reporting import CycleSummary, Reporter
 from forwarder.retry import classify
 from forwarder.routing import Route
-from forwarder.smtp_relay import SmtpPool
+from forwarder.smtp_pool import SmtpPool
 from forwarder.smtp_session import machine_fqdn
 from forwarder.state import Claim, MemberState, MessageResult, StateStore, Status
 

@@ -15,7 +15,7 @@ from forwarder.cycle import CycleOptions, Forwarder
 from forwarder.errors import ConfigError
 from forwarder.imap_source import ImapSource
 from forwarder.mailbox import Mailbox
-from forwarder.smtp_relay import SmtpPool
+from forwarder.smtp_pool import SmtpPool
 from forwarder.sqlite_store import SqliteStateStore
 from forwarder.state import StateStore
 from forwarder.state_location import create_default_directory
