@@ -2,20 +2,26 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test test-systemd demo lint soak bench venv system-deps clean
+.PHONY: test test-systemd test-servers demo lint soak bench venv system-deps clean
 
 ## test: create the virtual environment, install everything (Dovecot too), run all checks and tests
-## (but the systemd container: make test-systemd)
+## (but the systemd container: make test-systemd; Cyrus, Courier and Exim: make test-servers)
 test: venv system-deps
 	$(BIN)/ruff check forwarder tests
 	$(BIN)/mypy forwarder
-	$(BIN)/python -m pytest -m "not soak and not container"
+	$(BIN)/python -m pytest -m "not soak and not container and not servers"
 
 ## test-systemd: the unit under a real systemd in a container, installed as deploy/README.md says
 ## (about a minute; the first run also builds the container's root file system, about 35 s)
 test-systemd: venv system-deps
 	bash .ci/system-deps container
 	$(BIN)/python -m pytest -m container
+
+## test-servers: the forwarder against Cyrus IMAP, Courier-IMAP and Exim, run from their
+## unpacked packages (they conflict with Dovecot's and Postfix's); docs/deployments.md's recipes
+test-servers: venv system-deps
+	bash .ci/system-deps servers
+	$(BIN)/python -m pytest -m servers
 
 ## demo: the real forwarder against a throwaway local Dovecot and SMTP sink (ARGS=--ops: dry run, baseline, retry, history)
 demo: venv system-deps

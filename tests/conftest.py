@@ -31,6 +31,9 @@ pytest_plugins = [
     "tests.servers.postfix",
     "tests.servers.systemd",
     "tests.servers.journald",
+    "tests.servers.sandbox",  # Cyrus, Courier and Exim, unpacked: make test-servers
+    "tests.servers.cyrus",
+    "tests.servers.exim",
     "tests.faults",
     "tests.imap_faults",
     "tests.disk",  # a small tmpfs that fills up

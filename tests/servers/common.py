@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import smtplib
 import socket
 import subprocess
 import time
@@ -13,13 +14,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 if TYPE_CHECKING:
+    from imapclient import IMAPClient
+
     from tests.servers.dovecot import MailServer
     from tests.servers.sink import SmtpSink
 
 __all__ = [
     "LOOPBACK",
     "Server",
+    "empty_inbox",
     "free_port",
+    "inbox_messages",
+    "lmtp_deliver",
     "log_tail",
     "port_is_bindable",
     "self_signed_certificate",
@@ -154,3 +160,55 @@ def server_env(
         "FORWARDER_STATE_DB": str(state_db),
         "FORWARDER_LOG_FORMAT": "json",
     }
+
+
+def lmtp_deliver(
+    host: str, port: int, raw: bytes, rcpts: list[str], sender: str = "sender@remote.example"
+) -> None:
+    """Deliver ``raw`` by LMTP in one transaction; raise if any recipient is refused.
+
+    Not ``LMTP.sendmail()``: LMTP answers DATA once per accepted recipient
+    and smtplib reads only the first reply, so with several recipients the
+    rest would be taken for the reply to QUIT.
+    """
+    lmtp = smtplib.LMTP(host, port, timeout=10)
+    try:
+        lmtp.ehlo_or_helo_if_needed()
+        code, reply = lmtp.mail(sender)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, reply, sender)
+        refused: dict[str, tuple[int, bytes]] = {}
+        for rcpt in rcpts:
+            code, reply = lmtp.rcpt(rcpt)
+            if code not in (250, 251):
+                refused[rcpt] = (code, reply)
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
+        lmtp.data(raw)  # raises unless the first recipient's reply is 250
+        for rcpt in rcpts[1:]:
+            code, reply = lmtp.getreply()
+            if code != 250:
+                refused[rcpt] = (code, reply)
+        if refused:
+            raise smtplib.SMTPRecipientsRefused(refused)
+        lmtp.quit()
+    finally:
+        lmtp.close()
+
+
+def inbox_messages(client: IMAPClient) -> list[tuple[int, set[bytes], bytes]]:
+    """(uid, flags, raw message) of every message in INBOX, by UID (selected read-only)."""
+    client.select_folder("INBOX", readonly=True)
+    uids = client.search("ALL")
+    fetched = client.fetch(uids, ["FLAGS", "BODY.PEEK[]"]) if uids else {}
+    return [(uid, set(data[b"FLAGS"]), data[b"BODY[]"]) for uid, data in sorted(fetched.items())]
+
+
+def empty_inbox(client: IMAPClient) -> None:
+    """Expunge every message of INBOX (UIDs go on increasing, UIDVALIDITY stays)."""
+    client.select_folder("INBOX")
+    uids = client.search("ALL")
+    if uids:
+        client.delete_messages(uids)
+        client.expunge()
+    client.close_folder()

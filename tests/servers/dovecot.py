@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import smtplib
 import ssl
 import subprocess
 import tempfile
@@ -29,7 +28,10 @@ from imapclient import IMAPClient
 from tests.servers.common import (
     LOOPBACK,
     Server,
+    empty_inbox,
     free_port,
+    inbox_messages,
+    lmtp_deliver,
     log_tail,
     port_is_bindable,
     self_signed_certificate,
@@ -179,35 +181,8 @@ class MailServer(Server):
     # ---------------------------------------------------------------- mail
 
     def deliver(self, raw: bytes, rcpts: list[str], sender: str = "sender@remote.example") -> None:
-        """Deliver ``raw`` by LMTP in one transaction; raise if any recipient is refused.
-
-        Not ``LMTP.sendmail()``: LMTP answers DATA once per accepted recipient
-        and smtplib reads only the first reply, so with several recipients the
-        rest would be taken for the reply to QUIT.
-        """
-        lmtp = smtplib.LMTP(self.host, self.lmtp_port, timeout=10)
-        try:
-            lmtp.ehlo_or_helo_if_needed()
-            code, reply = lmtp.mail(sender)
-            if code != 250:
-                raise smtplib.SMTPSenderRefused(code, reply, sender)
-            refused: dict[str, tuple[int, bytes]] = {}
-            for rcpt in rcpts:
-                code, reply = lmtp.rcpt(rcpt)
-                if code not in (250, 251):
-                    refused[rcpt] = (code, reply)
-            if refused:
-                raise smtplib.SMTPRecipientsRefused(refused)
-            lmtp.data(raw)  # raises unless the first recipient's reply is 250
-            for rcpt in rcpts[1:]:
-                code, reply = lmtp.getreply()
-                if code != 250:
-                    refused[rcpt] = (code, reply)
-            if refused:
-                raise smtplib.SMTPRecipientsRefused(refused)
-            lmtp.quit()
-        finally:
-            lmtp.close()
+        """Deliver ``raw`` by LMTP in one transaction; raise if any recipient is refused."""
+        lmtp_deliver(self.host, self.lmtp_port, raw, rcpts, sender)
 
     def imap(self) -> IMAPClient:
         """A logged-in IMAP connection (plain, or implicit TLS when ``tls``)."""
@@ -225,13 +200,9 @@ class MailServer(Server):
     def messages(self) -> list[tuple[int, set[bytes], bytes]]:
         """(uid, flags, raw message) of every message in INBOX, by UID."""
         with self.imap() as client:
-            client.select_folder("INBOX", readonly=True)
-            uids = client.search("ALL")
-            fetched = client.fetch(uids, ["FLAGS", "BODY.PEEK[]"]) if uids else {}
+            found = inbox_messages(client)
             client.logout()
-        return [
-            (uid, set(data[b"FLAGS"]), data[b"BODY[]"]) for uid, data in sorted(fetched.items())
-        ]
+        return found
 
     def uidvalidity(self) -> int:
         with self.imap() as client:
@@ -245,12 +216,7 @@ class MailServer(Server):
         UIDs keep increasing and UIDVALIDITY is unchanged; see ``recreate_inbox()``.
         """
         with self.imap() as client:
-            client.select_folder("INBOX")
-            uids = client.search("ALL")
-            if uids:
-                client.delete_messages(uids)
-                client.expunge()
-            client.unselect_folder()
+            empty_inbox(client)
             folders = [name for _flags, _delim, name in client.list_folders()]
             for name in sorted(folders, key=len, reverse=True):  # children first
                 if name.upper() != "INBOX":
