@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: test test-systemd test-servers demo lint soak bench venv system-deps clean
+.PHONY: test test-systemd test-servers demo lint soak bench bench-courier-idle venv system-deps clean
 
 ## test: create the virtual environment, install everything (Dovecot too), run all checks and tests
 ## (but the systemd container: make test-systemd; Cyrus, Courier and Exim: make test-servers)
@@ -35,6 +35,12 @@ soak: venv system-deps
 bench: venv system-deps
 	bash .ci/system-deps postfix fetchmail
 	$(BIN)/python -m bench.run $(ARGS)
+
+## bench-courier-idle: how soon Courier-IMAP reports new mail to IDLE, with and without
+## IMAP_ENHANCEDIDLE=1 (about 2 minutes: without it each sample waits up to 60 s)
+bench-courier-idle: venv system-deps
+	bash .ci/system-deps servers
+	$(BIN)/python -m bench.courier_idle $(ARGS)
 
 venv: $(VENV)/.installed
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -34,6 +34,7 @@ pytest_plugins = [
     "tests.servers.sandbox",  # Cyrus, Courier and Exim, unpacked: make test-servers
     "tests.servers.cyrus",
     "tests.servers.exim",
+    "tests.servers.courier",
     "tests.faults",
     "tests.imap_faults",
     "tests.disk",  # a small tmpfs that fills up
@@ -64,25 +65,41 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+class ImapAccount(Protocol):
+    """A test IMAP server's catch-all login (Dovecot, Cyrus, Courier)."""
+
+    host: str
+    imap_port: int
+    username: str
+    password: str
+
+
+def settings_for(
+    account: ImapAccount, smtp: SmtpSink, state_db: Path, **overrides: Any
+) -> Settings:
+    """Settings reading ``account``'s INBOX in clear and sending to ``smtp`` (LISTS, ADMIN)."""
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "imap_host": account.host,
+        "imap_port": account.imap_port,
+        "imap_security": "none",
+        "imap_username": account.username,
+        "imap_password": account.password,
+        "smtp_host": smtp.host,
+        "smtp_port": smtp.port,
+        "smtp_security": "none",
+        "lists": LISTS,
+        "envelope_sender": ADMIN,
+        "state_db": state_db,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
 @pytest.fixture
 def make_settings(mailbox: MailServer, smtp_sink: SmtpSink, tmp_path: Path) -> MakeSettings:
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "_env_file": None,
-            "imap_host": mailbox.host,
-            "imap_port": mailbox.imap_port,
-            "imap_security": "none",
-            "imap_username": mailbox.username,
-            "imap_password": mailbox.password,
-            "smtp_host": smtp_sink.host,
-            "smtp_port": smtp_sink.port,
-            "smtp_security": "none",
-            "lists": LISTS,
-            "envelope_sender": ADMIN,
-            "state_db": tmp_path / "state.db",
-        }
-        values.update(overrides)
-        return load_settings(**values)
+        return settings_for(mailbox, smtp_sink, tmp_path / "state.db", **overrides)
 
     return make
 
