@@ -54,7 +54,7 @@ def test_with_enhanced_idle_new_mail_wakes_the_idle_watcher(
     """The latency itself (about 1 s, 60 s without IMAP_ENHANCEDIDLE) is measured by
     bench/courier_idle.py, not asserted here."""
     woken, idling = threading.Event(), threading.Event()
-    endpoint = settings_for(courier, smtp_sink, tmp_path / "s.db").imap_endpoint
+    endpoint = settings_for(courier, smtp_sink, tmp_path / "s.db").mailboxes()[0].imap
     watcher = IdleWatcher(endpoint, woken.set)
     with capture_logs(processors=[lambda _l, _m, event: _seen(event, idling)]):
         watcher.start()
