@@ -52,3 +52,9 @@ def test_without_duplicate_suppression_both_copies_are_kept(cyrus: CyrusServer) 
     cyrus.deliver(raw, ["catchall"])
     cyrus.deliver(raw, ["catchall"])
     assert len(cyrus.messages()) == 2
+
+
+def test_lmtp_turns_8bit_header_bytes_into_x(cyrus: CyrusServer) -> None:
+    cyrus.deliver(build_message(subject="Réunion"), ["catchall"])
+    [(_, _, raw)] = cyrus.messages()
+    assert b"Subject: RXXunion" in raw

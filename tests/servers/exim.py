@@ -50,6 +50,8 @@ from tests.servers.sandbox import SANDBOXED_FIXTURES, Command, Sandbox, require_
 
 __all__ = [
     "EXIM",
+    "LMTP_TRANSPORT",
+    "MAILDIR_TRANSPORT",
     "RECIPE_ENVELOPE_TO",
     "RECIPE_ROUTER",
     "EximServer",
@@ -73,6 +75,29 @@ catchall:
 """
 # ... and the transport that delivers into it records the addresses it was sent to.
 RECIPE_ENVELOPE_TO = "envelope_to_add = true"
+# The two transports into the catch-all (docs/deployments.md gives LMTP_TRANSPORT).
+MAILDIR_TRANSPORT = f"""\
+catchall_delivery:
+  driver = appendfile
+  directory = {{maildir}}
+  maildir_format
+  user = {{uid}}
+  group = {{gid}}
+  delivery_date_add
+  return_path_add
+  {RECIPE_ENVELOPE_TO}
+"""
+LMTP_TRANSPORT = f"""\
+catchall_delivery:
+  driver = smtp
+  protocol = lmtp
+  hosts = {{host}}
+  port = {{port}}
+  hosts_override
+  allow_localhost
+  return_path_add
+  {RECIPE_ENVELOPE_TO}
+"""
 
 _RECEIVED = re.compile(r"^\S+ \S+ (\S+) <= ", re.M)
 _COMPLETED = re.compile(r"^\S+ \S+ (\S+) Completed", re.M)
@@ -111,37 +136,16 @@ class EximServer(Server):
     def into_maildir(cls, dovecot: MailServer) -> EximServer:
         """Deliver into the Maildir of ``dovecot``'s catch-all, as its mail user."""
         return cls(
-            textwrap.dedent(f"""\
-                catchall_delivery:
-                  driver = appendfile
-                  directory = {dovecot.maildir}
-                  maildir_format
-                  user = {dovecot.mail_uid}
-                  group = {dovecot.mail_gid}
-                  delivery_date_add
-                  return_path_add
-                  {RECIPE_ENVELOPE_TO}
-                """),
+            MAILDIR_TRANSPORT.format(
+                maildir=dovecot.maildir, uid=dovecot.mail_uid, gid=dovecot.mail_gid
+            ),
             dovecot,
         )
 
     @classmethod
     def into_lmtp(cls, cyrus: CyrusServer) -> EximServer:
         """Deliver by LMTP over TCP to ``cyrus``'s lmtpd, for the mailbox ``catchall``."""
-        return cls(
-            textwrap.dedent(f"""\
-                catchall_delivery:
-                  driver = smtp
-                  protocol = lmtp
-                  hosts = {cyrus.host}
-                  port = {cyrus.lmtp_port}
-                  hosts_override
-                  allow_localhost
-                  return_path_add
-                  {RECIPE_ENVELOPE_TO}
-                """),
-            cyrus,
-        )
+        return cls(LMTP_TRANSPORT.format(host=cyrus.host, port=cyrus.lmtp_port), cyrus)
 
     # ---------------------------------------------------------------- lifecycle
 
