@@ -31,7 +31,7 @@ import smtplib
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,7 @@ from tests.servers.common import (
 from tests.servers.cyrus import CyrusServer
 from tests.servers.dovecot import MailServer
 from tests.servers.sandbox import SANDBOXED_FIXTURES, Command, Sandbox, require_unpacked
+from tests.servers.sink import SmtpSink
 
 __all__ = [
     "EXIM",
@@ -58,12 +59,17 @@ __all__ = [
     "exim_cyrus",
     "exim_cyrus_dedup",
     "exim_dovecot",
+    "exim_submission",
 ]
 
 EXIM = "/usr/sbin/exim4"
 DOMAIN = "example.org"
 EXIM_USER = "Debian-exim"
-SANDBOXED_FIXTURES.update({"exim_dovecot_server", "exim_cyrus_server", "exim_cyrus_dedup_server"})
+SANDBOXED_FIXTURES.update(
+    {"exim_dovecot_server", "exim_cyrus_server", "exim_cyrus_dedup_server", "exim_submission"}
+)
+SUBMISSION_LOGIN = "forwarder@example.org"
+SUBMISSION_PASSWORD = "submit-secret"
 
 # docs/deployments.md, "Behind Exim": every address of the domain to the catch-all...
 RECIPE_ROUTER = """\
@@ -114,23 +120,94 @@ def _free_id(*tables: str) -> int:
     return next(n for n in range(200, 1000) if n not in used)
 
 
+MX_ACL = """\
+acl_check_rcpt:
+  accept domains = +local_domains
+  deny message = relay not permitted
+"""
+MX_ROUTERS = RECIPE_ROUTER + """
+catchall_delivery:
+  driver = accept
+  domains = +local_domains
+  transport = catchall_delivery
+"""
+# Submission: Debian's exim4-config puts every authenticated client in submission mode,
+# which adds Message-Id: and Date: to a message lacking them ...
+SUBMISSION_ACL = """\
+acl_check_rcpt:
+  accept authenticated = *
+         control = submission/sender_retain
+  deny message = 5.7.1 authentication required
+"""
+# ... so docs/deployments.md exempts the forwarder's login, before that statement.
+RECIPE_SUBMISSION_EXEMPTION = """\
+  accept authenticated = *
+         condition = ${if eq{$authenticated_id}{forwarder@example.org}}
+         control = suppress_local_fixups
+"""
+RECIPE_SUBMISSION_ACL = SUBMISSION_ACL.replace(
+    "acl_check_rcpt:\n", "acl_check_rcpt:\n" + RECIPE_SUBMISSION_EXEMPTION
+)
+SUBMISSION_ROUTERS = """\
+onward:
+  driver = accept
+  transport = onward
+"""
+SUBMISSION_TRANSPORT = """\
+onward:
+  driver = smtp
+  hosts = {host}
+  port = {port}
+  hosts_override
+  allow_localhost
+"""
+AUTHENTICATORS = """\
+plain:
+  driver = plaintext
+  public_name = PLAIN
+  server_prompts = :
+  server_condition = ${if and {{eq{$auth2}{@LOGIN@}}{eq{$auth3}{@PASSWORD@}}}}
+  server_set_id = $auth2
+login:
+  driver = plaintext
+  public_name = LOGIN
+  server_prompts = Username:: : Password::
+  server_condition = ${if and {{eq{$auth1}{@LOGIN@}}{eq{$auth2}{@PASSWORD@}}}}
+  server_set_id = $auth1
+"""
+
+
 class EximServer(Server):
-    """Exim as the MX of ``example.org``; every address of it lands in the catch-all."""
+    """A private Exim: the MX of ``example.org`` in front of a catch-all (``store``), or
+    a submission server relaying to another SMTP server (:meth:`submission`)."""
 
     catchall = f"catchall@{DOMAIN}"  # where every address of the domain is redirected
 
     def __init__(
-        self, transport: str, store: MailServer | CyrusServer, start_timeout: float = 20
+        self,
+        transport: str,
+        store: MailServer | CyrusServer | None,
+        *,
+        acl: str = MX_ACL,
+        routers: str = MX_ROUTERS,
+        authenticators: str = "",
+        start_timeout: float = 20,
     ) -> None:
         self.host = LOOPBACK
-        self.store = store  # the server holding the catch-all, read over IMAP
+        self._store = store  # the server holding the catch-all, read over IMAP
+        self._sections = (acl, routers, transport, authenticators)
         self.start_timeout = start_timeout
         self.base_dir = Path(tempfile.mkdtemp(prefix="exim-"))
         self.base_dir.chmod(0o755)
         self.sandbox = Sandbox(self.base_dir)
         self.log_path = self.base_dir / "log" / "mainlog"
         self.port = 0
-        self._transport = transport
+
+    @property
+    def store(self) -> MailServer | CyrusServer:
+        if self._store is None:
+            raise AttributeError("a submission Exim has no catch-all")
+        return self._store
 
     @classmethod
     def into_maildir(cls, dovecot: MailServer) -> EximServer:
@@ -146,6 +223,21 @@ class EximServer(Server):
     def into_lmtp(cls, cyrus: CyrusServer) -> EximServer:
         """Deliver by LMTP over TCP to ``cyrus``'s lmtpd, for the mailbox ``catchall``."""
         return cls(LMTP_TRANSPORT.format(host=cyrus.host, port=cyrus.lmtp_port), cyrus)
+
+    @classmethod
+    def submission(
+        cls, host: str, port: int, login: str, password: str, acl: str = RECIPE_SUBMISSION_ACL
+    ) -> EximServer:
+        """A submission server (AUTH PLAIN/LOGIN for ``login``, no TLS) relaying every
+        message to ``host:port``."""
+        authenticators = AUTHENTICATORS.replace("@LOGIN@", login)
+        return cls(
+            SUBMISSION_TRANSPORT.format(host=host, port=port),
+            None,
+            acl=acl.replace("forwarder@example.org", login),
+            routers=SUBMISSION_ROUTERS,
+            authenticators=authenticators.replace("@PASSWORD@", password),
+        )
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -224,8 +316,8 @@ class EximServer(Server):
         # otherwise its deliveries, re-executed with -C, cannot switch to the mailbox's user.
         (self.sandbox.etc / "exim4").mkdir()
         (self.sandbox.etc / "exim4" / "trusted_configs").write_text(f"{d}/exim.conf\n")
-        router = RECIPE_ROUTER
-        (d / "exim.conf").write_text(textwrap.dedent(f"""\
+        acl, routers, transports, authenticators = self._sections
+        main = textwrap.dedent(f"""\
             primary_hostname = mx.{DOMAIN}
             domainlist local_domains = {DOMAIN}
             spool_directory = {d}/spool
@@ -239,25 +331,13 @@ class EximServer(Server):
             # The sandbox's network has no DNS for these names.
             host_lookup =
             rfc1413_hosts =
-
-            begin acl
-
-            acl_check_rcpt:
-              accept domains = +local_domains
-              deny message = relay not permitted
-
-            begin routers
-
-            """) + router + textwrap.dedent("""\
-
-            catchall_delivery:
-              driver = accept
-              domains = +local_domains
-              transport = catchall_delivery
-
-            begin transports
-
-            """) + self._transport + "\nbegin retry\n\n*  *  F,1h,1m\n")
+            """)
+        sections = [
+            ("acl", acl), ("routers", routers), ("transports", transports),
+            ("retry", "*  *  F,1h,1m\n"), ("authenticators", authenticators),
+        ]
+        text = main + "".join(f"\nbegin {name}\n\n{body}" for name, body in sections if body)
+        (d / "exim.conf").write_text(text)
         (d / "exim.conf").chmod(0o644)
 
 
@@ -320,3 +400,25 @@ def exim_cyrus_dedup_server(cyrus_dedup_server: CyrusServer) -> Iterator[EximSer
 @pytest.fixture
 def exim_cyrus_dedup(exim_cyrus_dedup_server: EximServer) -> EximServer:
     return _idle(exim_cyrus_dedup_server)
+
+
+@pytest.fixture
+def exim_submission(smtp_sink: SmtpSink) -> Iterator[Callable[..., EximServer]]:
+    """Starts an Exim submission server with the given RCPT ACL (``RECIPE_SUBMISSION_ACL``
+    by default, or ``SUBMISSION_ACL``), relaying to ``smtp_sink``; login ``SUBMISSION_LOGIN``."""
+    require_unpacked(EXIM)
+    started: list[EximServer] = []
+
+    def start(acl: str = RECIPE_SUBMISSION_ACL) -> EximServer:
+        server = EximServer.submission(
+            smtp_sink.host, smtp_sink.port, SUBMISSION_LOGIN, SUBMISSION_PASSWORD, acl
+        )
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.close()
