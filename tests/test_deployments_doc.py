@@ -8,7 +8,13 @@ from pathlib import Path
 
 from tests.servers.courier import RECIPE_IMAPD as COURIER_IMAPD
 from tests.servers.cyrus import RECIPE_IMAPD as CYRUS_IMAPD
-from tests.servers.exim import LMTP_TRANSPORT, RECIPE_ENVELOPE_TO, RECIPE_ROUTER
+from tests.servers.exim import (
+    LMTP_TRANSPORT,
+    RECIPE_ENVELOPE_TO,
+    RECIPE_ROUTER,
+    RECIPE_SUBMISSION_EXEMPTION,
+    SUBMISSION_ACL,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deployments.md"
@@ -34,6 +40,14 @@ def test_exim_router_is_the_fixtures() -> None:
 
 def test_exim_transport_setting_is_the_fixtures() -> None:
     assert block_with("Behind Exim", "envelope_to_add").strip() == RECIPE_ENVELOPE_TO
+
+
+def test_exim_submission_exemption_is_the_fixtures_and_comes_first() -> None:
+    block = block_with("Exim as the submission server", "suppress_local_fixups")
+    code = "".join(line + "\n" for line in block.splitlines() if not line.strip().startswith("#"))
+    assert code == SUBMISSION_ACL.replace(
+        "acl_check_rcpt:\n", "acl_check_rcpt:\n" + RECIPE_SUBMISSION_EXEMPTION
+    ).replace("  deny message = 5.7.1 authentication required\n", "")
 
 
 def test_cyrus_lmtp_transport_is_the_fixtures() -> None:
