@@ -13,14 +13,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-if TYPE_CHECKING:
-    from imapclient import IMAPClient
+from imapclient import IMAPClient
 
+if TYPE_CHECKING:
     from tests.servers.dovecot import MailServer
     from tests.servers.sink import SmtpSink
 
 __all__ = [
     "LOOPBACK",
+    "ImapCatchAll",
     "Server",
     "empty_inbox",
     "free_port",
@@ -31,6 +32,7 @@ __all__ = [
     "self_signed_certificate",
     "server_env",
     "wait_for_port",
+    "wait_ports_free",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -60,6 +62,44 @@ class Server:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+class ImapCatchAll:
+    """A test server's catch-all over IMAP: ``host``, ``imap_port``, ``username`` and
+    ``password`` are the subclass's; ``imap()`` logs in without TLS."""
+
+    host: str
+    imap_port: int
+    username: str
+    password: str
+
+    def imap(self) -> IMAPClient:
+        client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=10)
+        client.login(self.username, self.password)
+        return client
+
+    def messages(self) -> list[tuple[int, set[bytes], bytes]]:
+        """(uid, flags, raw message) of every message in INBOX, by UID."""
+        with self.imap() as client:
+            found = inbox_messages(client)
+            client.logout()
+        return found
+
+    def clear(self) -> None:
+        """Expunge every message of INBOX (UIDs go on increasing, UIDVALIDITY stays)."""
+        with self.imap() as client:
+            empty_inbox(client)
+            client.logout()
+
+
+def wait_ports_free(host: str, ports: Iterable[int], timeout: float, what: str) -> None:
+    """Until every one of ``ports`` can be bound again (a server stopped)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while port and not port_is_bindable(host, port):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"port {port} still busy after {what} stopped")
+            time.sleep(0.02)
 
 
 def log_tail(paths: Iterable[Path], lines: int = 30) -> str:

@@ -35,16 +35,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from imapclient import IMAPClient
 
 from tests.servers.common import (
     LOOPBACK,
+    ImapCatchAll,
     Server,
-    empty_inbox,
     free_port,
-    inbox_messages,
-    port_is_bindable,
-    wait_for_port,
+    wait_ports_free,
 )
 from tests.servers.sandbox import SANDBOXED_FIXTURES, Command, Sandbox, require_unpacked
 
@@ -86,7 +83,7 @@ DEBIAN_IMAPD = {
 RECIPE_IMAPD = {"IMAP_ENHANCEDIDLE": "1"}
 
 
-class CourierServer(Server):
+class CourierServer(ImapCatchAll, Server):
     """Courier-IMAP with one catch-all Maildir, the /etc/courier/imapd settings given."""
 
     username = "catchall@example.org"
@@ -125,21 +122,13 @@ class CourierServer(Server):
             [Command([AUTHDAEMOND]), Command(tcpd, self.settings)],
             setup=[Command(["/usr/sbin/makeuserdb"])],
         )
-        deadline = time.monotonic() + self.start_timeout
-        while not wait_for_port(
-            self.host, self.imap_port, min(deadline, time.monotonic() + 0.2), b"* OK"
-        ):
-            if self.sandbox.exited() is not None or time.monotonic() >= deadline:
-                self.sandbox.stop()
-                raise RuntimeError(f"Courier did not start\n{self.log_tail()}")
+        self.sandbox.wait_for_greetings(
+            self.host, [(self.imap_port, b"* OK")], self.start_timeout, "Courier"
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         self.sandbox.stop(timeout)
-        deadline = time.monotonic() + timeout
-        while self.imap_port and not port_is_bindable(self.host, self.imap_port):
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"port {self.imap_port} still busy after Courier stopped")
-            time.sleep(0.02)
+        wait_ports_free(self.host, (self.imap_port,), timeout, "Courier")
 
     def close(self) -> None:
         self.stop()
@@ -159,22 +148,6 @@ class CourierServer(Server):
             staged.write_bytes(f"Delivered-To: {rcpt}\n".encode() + raw.replace(b"\r\n", b"\n"))
             os.chown(staged, self.mail_uid, self.mail_gid)
             staged.rename(self.maildir / "new" / name)
-
-    def imap(self) -> IMAPClient:
-        client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=10)
-        client.login(self.username, self.password)
-        return client
-
-    def messages(self) -> list[tuple[int, set[bytes], bytes]]:
-        with self.imap() as client:
-            found = inbox_messages(client)
-            client.logout()
-        return found
-
-    def clear(self) -> None:
-        with self.imap() as client:
-            empty_inbox(client)
-            client.logout()
 
     # ---------------------------------------------------------------- internals
 

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +34,11 @@ from imapclient import IMAPClient
 
 from tests.servers.common import (
     LOOPBACK,
+    ImapCatchAll,
     Server,
-    empty_inbox,
     free_port,
-    inbox_messages,
     lmtp_deliver,
-    port_is_bindable,
-    wait_for_port,
+    wait_ports_free,
 )
 from tests.servers.sandbox import SANDBOXED_FIXTURES, Command, Sandbox, require_unpacked
 
@@ -54,7 +51,7 @@ SANDBOXED_FIXTURES.update({"cyrus_server", "cyrus_dedup_server"})
 CYRUS_USER = "mail"  # owns the spool; the package's own "cyrus" user does not exist here
 
 
-class CyrusServer(Server):
+class CyrusServer(ImapCatchAll, Server):
     """Cyrus IMAP with one catch-all mailbox; ``duplicatesuppression`` as given."""
 
     username = "catchall"
@@ -89,13 +86,8 @@ class CyrusServer(Server):
             [Command([f"{BIN}/master", "-C", str(conf), "-M", str(self.base_dir / "cyrus.conf"),
                       "-p", str(self.base_dir / "master.pid")])]
         )
-        deadline = time.monotonic() + self.start_timeout
-        for port, greeting in ((self.imap_port, b"* OK"), (self.lmtp_port, b"220")):
-            while not wait_for_port(self.host, port, min(deadline, time.monotonic() + 0.2),
-                                    greeting):
-                if self.sandbox.exited() is not None or time.monotonic() >= deadline:
-                    self.sandbox.stop()
-                    raise RuntimeError(f"Cyrus did not start on port {port}\n{self.log_tail()}")
+        probes = [(self.imap_port, b"* OK"), (self.lmtp_port, b"220")]
+        self.sandbox.wait_for_greetings(self.host, probes, self.start_timeout, "Cyrus")
         if not self._created:
             with IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=10) as client:
                 client.login(self.admin, self.password)
@@ -105,12 +97,7 @@ class CyrusServer(Server):
 
     def stop(self, timeout: float = 15.0) -> None:
         self.sandbox.stop(timeout)
-        deadline = time.monotonic() + timeout
-        for port in (self.imap_port, self.lmtp_port):
-            while port and not port_is_bindable(self.host, port):
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(f"port {port} still busy after Cyrus stopped")
-                time.sleep(0.02)
+        wait_ports_free(self.host, (self.imap_port, self.lmtp_port), timeout, "Cyrus")
 
     def close(self) -> None:
         self.stop()
@@ -128,22 +115,6 @@ class CyrusServer(Server):
     def deliver(self, raw: bytes, rcpts: list[str], sender: str = "sender@remote.example") -> None:
         """Deliver by LMTP in one transaction (recipients: mailbox names, ``catchall``)."""
         lmtp_deliver(self.host, self.lmtp_port, raw, rcpts, sender)
-
-    def imap(self) -> IMAPClient:
-        client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=10)
-        client.login(self.username, self.password)
-        return client
-
-    def messages(self) -> list[tuple[int, set[bytes], bytes]]:
-        with self.imap() as client:
-            found = inbox_messages(client)
-            client.logout()
-        return found
-
-    def clear(self) -> None:
-        with self.imap() as client:
-            empty_inbox(client)
-            client.logout()
 
     # ---------------------------------------------------------------- internals
 

@@ -27,10 +27,10 @@ from imapclient import IMAPClient
 
 from tests.servers.common import (
     LOOPBACK,
+    ImapCatchAll,
     Server,
     empty_inbox,
     free_port,
-    inbox_messages,
     lmtp_deliver,
     log_tail,
     port_is_bindable,
@@ -43,7 +43,7 @@ __all__ = ["MailFormat", "MailServer", "mailbox", "mailserver", "tls_mailbox", "
 MailFormat = Literal["maildir", "sdbox"]
 
 
-class MailServer(Server):
+class MailServer(ImapCatchAll, Server):
     """A private Dovecot (IMAP + LMTP) with one catch-all mailbox.
 
     Every LMTP recipient, whatever its address, is stored in the one maildir
@@ -196,13 +196,6 @@ class MailServer(Server):
             client = IMAPClient(self.host, port=self.imap_port, ssl=False, timeout=10)
         client.login(self.username, self.password)
         return client
-
-    def messages(self) -> list[tuple[int, set[bytes], bytes]]:
-        """(uid, flags, raw message) of every message in INBOX, by UID."""
-        with self.imap() as client:
-            found = inbox_messages(client)
-            client.logout()
-        return found
 
     def uidvalidity(self) -> int:
         with self.imap() as client:

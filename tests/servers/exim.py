@@ -41,8 +41,7 @@ from tests.servers.common import (
     Server,
     free_port,
     log_tail,
-    port_is_bindable,
-    wait_for_port,
+    wait_ports_free,
 )
 from tests.servers.cyrus import CyrusServer
 from tests.servers.dovecot import MailServer
@@ -252,21 +251,13 @@ class EximServer(Server):
             self.port = free_port(self.host)
             self._prepare()
         self.sandbox.start([Command([EXIM, "-C", str(self.base_dir / "exim.conf"), "-bdf"])])
-        deadline = time.monotonic() + self.start_timeout
-        while not wait_for_port(
-            self.host, self.port, min(deadline, time.monotonic() + 0.2), b"220"
-        ):
-            if self.sandbox.exited() is not None or time.monotonic() >= deadline:
-                self.sandbox.stop()
-                raise RuntimeError(f"Exim did not start on port {self.port}\n{self.log_tail()}")
+        self.sandbox.wait_for_greetings(
+            self.host, [(self.port, b"220")], self.start_timeout, "Exim", self.log_tail
+        )
 
     def stop(self, timeout: float = 15.0) -> None:
         self.sandbox.stop(timeout)
-        deadline = time.monotonic() + timeout
-        while self.port and not port_is_bindable(self.host, self.port):
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"port {self.port} still busy after Exim stopped")
-            time.sleep(0.02)
+        wait_ports_free(self.host, (self.port,), timeout, "Exim")
 
     def close(self) -> None:
         self.stop()

@@ -36,13 +36,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.servers.common import log_tail
+from tests.servers.common import log_tail, wait_for_port
 from tests.servers.systemd import in_ci
 
 __all__ = [
@@ -165,6 +165,24 @@ class Sandbox:
                 stdout=subprocess.DEVNULL,
                 stderr=errors,
             )
+
+    def wait_for_greetings(
+        self,
+        host: str,
+        probes: Sequence[tuple[int, bytes]],
+        timeout: float,
+        what: str,
+        tail: Callable[[], str] | None = None,
+    ) -> None:
+        """Until each ``(port, greeting)`` greets; if the sandbox ends first or the time
+        runs out, stop it and raise with the end of its log (``tail``)."""
+        deadline = time.monotonic() + timeout
+        for port, greeting in probes:
+            while not wait_for_port(host, port, min(deadline, time.monotonic() + 0.2), greeting):
+                if self.exited() is not None or time.monotonic() >= deadline:
+                    self.stop()
+                    log = (tail or self.log_tail)()
+                    raise RuntimeError(f"{what} did not start on port {port}\n{log}")
 
     def exited(self) -> int | None:
         """The sandbox's exit status once it has ended (a daemon exited, a setup failed)."""

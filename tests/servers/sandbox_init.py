@@ -74,17 +74,18 @@ def main() -> int:
         ready, _, _ = select.select([log_socket], [], [], 0.2)
         if ready:
             log.write(_PRIORITY.sub(b"", log_socket.recv(65536)).rstrip(b"\n") + b"\n")
-    for daemon in daemons:
+    names = [command["argv"][0] for command in spec["daemons"]]
+    for name, daemon in zip(names, daemons, strict=True):
         if daemon.poll() is not None and not stopping:
-            note(f"{daemon.args[0]} exited with {daemon.returncode}")
+            note(f"{name} exited with {daemon.returncode}")
         elif daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
-    for daemon in daemons:
+    for name, daemon in zip(names, daemons, strict=True):
         try:
             daemon.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            note(f"{daemon.args[0]} still running {STOP_TIMEOUT} s after SIGTERM: killed")
+            note(f"{name} still running {STOP_TIMEOUT} s after SIGTERM: killed")
             daemon.kill()
             daemon.wait()
     return 0 if stopping else 1
