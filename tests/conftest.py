@@ -75,7 +75,7 @@ class ImapAccount(Protocol):
 
 
 def settings_for(
-    account: ImapAccount, smtp: SmtpSink, state_db: Path, **overrides: Any
+    account: ImapAccount, smtp: SmtpSink, state_db: Path | str, **overrides: Any
 ) -> Settings:
     """Settings reading ``account``'s INBOX in clear and sending to ``smtp`` (LISTS, ADMIN)."""
     values: dict[str, Any] = {
@@ -99,7 +99,8 @@ def settings_for(
 @pytest.fixture
 def make_settings(mailbox: MailServer, smtp_sink: SmtpSink, tmp_path: Path) -> MakeSettings:
     def make(**overrides: Any) -> Settings:
-        return settings_for(mailbox, smtp_sink, tmp_path / "state.db", **overrides)
+        state_db = overrides.pop("state_db", tmp_path / "state.db")
+        return settings_for(mailbox, smtp_sink, state_db, **overrides)
 
     return make
 
