@@ -17,6 +17,14 @@
   systemd-nspawn on :mod:`tests.servers.systemd_rootfs` (a cached root file
   system); :mod:`tests.servers.systemd_mail` runs a Dovecot and an SMTP sink
   inside it; fixture ``systemd_rootfs``, whose tests are marked ``container``.
+* :mod:`tests.servers.sandbox`: :class:`Sandbox`, mount and PID namespaces in
+  which Cyrus IMAP, Courier-IMAP and Exim run from their unpacked packages
+  (they conflict with Dovecot's and Postfix's): :mod:`tests.servers.cyrus`
+  (fixtures ``cyrus``, ``cyrus_dedup``), :mod:`tests.servers.courier`
+  (``courier``, ``courier_without_keywords``, ``courier_plain_idle``) and
+  :mod:`tests.servers.exim` (``exim_dovecot``, ``exim_cyrus``,
+  ``exim_cyrus_dedup``, ``exim_submission``); their tests are marked ``servers``
+  (``make test-servers``).
 * :mod:`tests.servers.journald`: :class:`Journald`, a private systemd-journald
   in its own mount namespace; fixture ``journald``.
 
