@@ -14,6 +14,12 @@ MAIL FROM parameters:
   hop without SMTPUTF8 (Dovecot LMTP: "5.6.7 SMTPUTF8 is required"), a bounce
   that is itself lost.
 
+Envelope addresses go out as `<address>` (RFC 5321 4.1.2), as configured: they were
+validated when the settings were loaded, so the relay does not parse them again
+(aiosmtplib's `mail()` and `rcpt()` call `email.utils.parseaddr` on each, about as
+long as the rest of the command); `path()` only refuses what could break the
+command line.
+
 EHLO name (RFC 5321 4.1.1.1, 4.1.4): `FORWARDER_SMTP_HELO_NAME` when set, else
 the machine's fully-qualified name, else (a machine whose only name is
 `localhost` or a single label, which some submission servers refuse) the
@@ -41,6 +47,7 @@ NON_ASCII_REFUSED = Reply(
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f<>]")
 
 
 def mail_options(
@@ -64,6 +71,21 @@ def mail_options(
     if utf8_envelope and "smtputf8" in offered:
         options.append("SMTPUTF8")
     return options
+
+
+def path(address: str, utf8: bool) -> bytes:
+    """`<address>` for MAIL FROM: or RCPT TO:, UTF-8 when the transaction has SMTPUTF8.
+
+    Raises ValueError for an address that could smuggle something onto the command
+    line (a space, a control character, an angle bracket) or that is not ASCII
+    without SMTPUTF8.
+    """
+    address = address.strip()
+    if not address or _UNSAFE.search(address):
+        raise ValueError(f"{address!r} cannot be sent as an SMTP envelope address")
+    if not utf8 and not address.isascii():
+        raise ValueError(f"{address!r} is not ASCII and the transaction has no SMTPUTF8")
+    return b"<" + address.encode() + b">"
 
 
 def eight_bit_refused(offered: Container[str], eight_bit: bool) -> bool:

@@ -23,12 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-from aiosmtplib import (
-    SMTPException,
-    SMTPRecipientRefused,
-    SMTPSenderRefused,
-    SMTPServerDisconnected,
-)
+from aiosmtplib import SMTPException, SMTPServerDisconnected
 
 from forwarder.errors import SmtpError, SubmissionRefused
 from forwarder.esmtp import (
@@ -36,6 +31,7 @@ from forwarder.esmtp import (
     NON_ASCII_REFUSED,
     eight_bit_refused,
     mail_options,
+    path,
     size_limit,
     utf8_envelope,
 )
@@ -176,13 +172,12 @@ class SmtpRelay:
         for rcpt in recipients:
             if rcpt in replies:
                 continue
-            try:
-                response = await smtp.rcpt(
-                    rcpt, encoding="utf-8" if utf8 else "ascii", timeout=None
-                )
-                accepted[rcpt] = Reply(response.code, response.message)
-            except SMTPRecipientRefused as exc:
-                replies[rcpt] = Reply(exc.code, exc.message)
+            response = await smtp.execute_command(b"RCPT", b"TO:" + path(rcpt, utf8), timeout=None)
+            reply = Reply(response.code, response.message)
+            if response.code in (ReplyCode.OK, ReplyCode.WILL_FORWARD):
+                accepted[rcpt] = reply
+            else:
+                replies[rcpt] = reply
         if not accepted:
             await self._reset()
             if all(reply.about.ours for reply in replies.values()):
@@ -251,24 +246,26 @@ class SmtpRelay:
             )
             if not mail_from.isascii() and "SMTPUTF8" not in options:
                 raise self._refused(mail_from, NON_ASCII_REFUSED)
+            sender = path(mail_from, "SMTPUTF8" in options)
             try:
-                await smtp.mail(
-                    mail_from,
-                    options=options,
-                    encoding="utf-8" if "SMTPUTF8" in options else "ascii",
+                response = await smtp.execute_command(
+                    b"MAIL",
+                    b"FROM:" + sender,
+                    *(option.encode("ascii") for option in options),
                     timeout=None,  # under the transaction's deadline
                 )
-                return None
             except SMTPServerDisconnected:
                 self.drop()
                 if attempt == 2:
                     raise
-            except SMTPSenderRefused as exc:
-                await self._reset()
-                reply = Reply(exc.code, exc.message)
-                if not reply.about.ours and (reply.transient or about_the_message(reply)):
-                    return dict.fromkeys(recipients, reply)
-                raise self._refused(mail_from, reply) from None
+                continue
+            if response.code == ReplyCode.OK:
+                return None
+            await self._reset()
+            reply = Reply(response.code, response.message)
+            if not reply.about.ours and (reply.transient or about_the_message(reply)):
+                return dict.fromkeys(recipients, reply)
+            raise self._refused(mail_from, reply)
         raise AssertionError("unreachable")
 
     def _refused(self, mail_from: str, reply: Reply) -> SubmissionRefused:

@@ -10,6 +10,7 @@ from forwarder.esmtp import (
     ehlo_name,
     eight_bit_refused,
     mail_options,
+    path,
     size_limit,
     utf8_envelope,
 )
@@ -101,3 +102,38 @@ def test_helo_name_setting_accepts_names_and_literals(name: str) -> None:
 def test_helo_name_setting_refuses_anything_else(name: str) -> None:
     with pytest.raises(ValueError, match="host name"):
         check_helo_name(name)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["alice@example.org", "o'neil+tag@example.org", "a.b@example.org.", "#!$%&*/=?^_`{|}~-@x.org"],
+)
+def test_an_envelope_address_goes_out_as_configured_in_angle_brackets(address: str) -> None:
+    assert path(address, utf8=False) == f"<{address}>".encode()
+
+
+def test_an_envelope_address_loses_only_surrounding_blanks() -> None:
+    assert path("  alice@example.org ", utf8=False) == b"<alice@example.org>"
+
+
+def test_a_non_ascii_envelope_address_goes_out_as_utf8_with_smtputf8_only() -> None:
+    assert path("élise@exemple.fr", utf8=True) == "<élise@exemple.fr>".encode()
+    with pytest.raises(ValueError, match="SMTPUTF8"):
+        path("élise@exemple.fr", utf8=False)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "alice@example.org> SIZE=1",
+        "alice@example.org NOTIFY=NEVER",
+        "alice@example.org\r\nRSET",
+        "<alice@example.org>",
+        "alice\x00@example.org",
+        "alice\x7f@example.org",
+    ],
+)
+def test_an_address_that_could_change_the_command_line_is_refused(address: str) -> None:
+    with pytest.raises(ValueError, match="envelope address"):
+        path(address, utf8=True)
