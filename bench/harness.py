@@ -508,8 +508,16 @@ class OnceResult:
         return ms / 1000 if isinstance(ms, int | float) else None
 
 
-def forwarder_once(env: dict[str, str], cwd: Path, name: str, timeout: float = 900) -> OnceResult:
-    child = run_child([*forwarder_command(), "once"], env=env, cwd=cwd, name=name, timeout=timeout)
+def forwarder_once(
+    env: dict[str, str],
+    cwd: Path,
+    name: str,
+    timeout: float = 900,
+    command: Sequence[str] | None = None,
+) -> OnceResult:
+    """`forwarder once` (or `command` + `once`: another build, a profiler) to completion."""
+    cmd = [*(command or forwarder_command()), "once"]
+    child = run_child(cmd, env=env, cwd=cwd, name=name, timeout=timeout)
     cycles = [e for e in json_events(child.stdout) if e.get("event") == "cycle_finished"]
     if child.returncode != 0 or not cycles or cycles[-1].get("outcome") != "ok":
         raise RuntimeError(
