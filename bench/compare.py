@@ -1,8 +1,9 @@
-"""`python -m bench.compare --old PATH`: the throughput figure of two builds in one run.
+"""`python -m bench.compare --old PATH [--old PATH2]`: the throughput of builds in one run.
 
-The machine is shared and its load moves, so two builds are compared side by side:
-the same backlog (N messages of 2 KB, as in the throughput phase), forwarded by
-`forwarder once` of each build in turn, ABAB..., with the order swapped every run.
+The machine is shared and its load moves, so builds are compared side by side: the
+same backlog (N messages of 2 KB, as in the throughput phase), forwarded by
+`forwarder once` of each build in turn, the order reversed every other run. This
+build is `new`; each other one is named after its worktree.
 The figures are medians of each build's runs: msg/s (wall, start-up included), msg/s
 inside the cycle, and CPU ms per message (user+sys of the child, `wait4`), which
 other load moves much less than wall time.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import pstats
 import shutil
@@ -39,17 +41,23 @@ from tests.servers import MailServer
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
-    parser.add_argument("--old", type=Path, required=True, help="the other build's forwarder")
+    parser.add_argument(
+        "--old", type=Path, action="append", required=True, help="another build's forwarder"
+    )
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--runs", type=int, default=5, help="runs of each build (default 5)")
     parser.add_argument("--profile", type=Path, help="directory for one cProfile run of each")
+    parser.add_argument(
+        "--log-level", default="info", help="FORWARDER_LOG_LEVEL (default info, as deployed)"
+    )
     parser.add_argument("--output", type=Path, help="JSON file for every run's figures")
     return parser.parse_args(argv)
 
 
 def summary(n: int, runs: list[dict[str, Any]]) -> dict[str, float]:
     def med(key: str) -> float:
-        return float(median(run[key] for run in runs))
+        values = [run[key] for run in runs if run[key] is not None]
+        return float(median(values)) if values else math.nan
 
     return {
         "msgs_per_s": n / med("wall_s"),
@@ -63,7 +71,8 @@ def summary(n: int, runs: list[dict[str, Any]]) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    builds = {"new": h.forwarder_command(), "old": [str(opts.old)]}
+    builds = {"new": h.forwarder_command()}
+    builds.update({_name(path): [str(path)] for path in opts.old})
     n = opts.messages
     want = expected_deliveries(n)
     workdir = Path(tempfile.mkdtemp(prefix="forwarder-compare-"))
@@ -80,8 +89,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 h.reset_flags(mail)
                 sink.clear()
                 state = workdir / f"{tag}.db"
-                env = h.forwarder_env(mail, sink.port, LISTS, state)
-                result = h.forwarder_once(env, workdir, tag, command=command)
+                env = h.forwarder_env(mail, sink.port, LISTS, state, LOG_LEVEL=opts.log_level)
+                child = h.run_child([*command, "once"], env=env, cwd=workdir, name=tag, timeout=900)
+                cycles = [
+                    e for e in h.json_events(child.stdout) if e.get("event") == "cycle_finished"
+                ]
+                if child.returncode != 0:
+                    raise RuntimeError(
+                        f"{tag} exited with {child.returncode}: {child.stderr_tail()}"
+                    )
+                result = h.OnceResult(child, cycles[-1] if cycles else {})  # none below info
                 dumps = sink.transactions()
                 rcpts = sum(d.rcpts for d in dumps)
                 if len(dumps) != n or rcpts != want:
@@ -91,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return result
 
             for r in range(opts.runs):
-                for name in ("new", "old") if r % 2 == 0 else ("old", "new"):
+                for name in list(builds) if r % 2 == 0 else reversed(builds):
                     result = once(name, builds[name], f"{name}-{r}")
                     c = result.child
                     runs[name].append(
@@ -128,10 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_end = os.getloadavg()
     print(f"\n{n:,} messages, median of {opts.runs} runs each, alternated")
     print(f"load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f}")
-    print(f"{'':5} {'msg/s':>7} {'cycle msg/s':>12} {'CPU ms/msg':>11} {'user':>7} {'sys':>7}")
+    width = max(len(name) for name in builds)
+    print(
+        f"{'':{width}} {'msg/s':>7} {'cycle msg/s':>12} {'CPU ms/msg':>11} {'user':>7} {'sys':>7}"
+    )
     for name, f in figures.items():
         print(
-            f"{name:5} {f['msgs_per_s']:7,.0f} {f['cycle_msgs_per_s']:12,.0f} "
+            f"{name:{width}} {f['msgs_per_s']:7,.0f} {f['cycle_msgs_per_s']:12,.0f} "
             f"{f['cpu_ms_per_msg']:11.3f} {f['user_ms_per_msg']:7.3f} {f['sys_ms_per_msg']:7.3f}"
         )
     if opts.output:
@@ -141,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "messages": n,
                     "figures": figures,
                     "runs": runs,
-                    "old": str(opts.old),
+                    "builds": {k: v[0] for k, v in builds.items()},
                     "loadavg": [load_start, load_end],
                     "problems": problems,
                 },
@@ -152,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in problems:
         print(f"PROBLEM: {problem}")
     return 1 if problems else 0
+
+
+def _name(forwarder: Path) -> str:
+    """`/work/wt/old/.venv/bin/forwarder` -> `old` (its worktree), else the path."""
+    parts = forwarder.resolve().parts
+    return parts[-4] if len(parts) >= 4 and parts[-3] == ".venv" else str(forwarder)
 
 
 if __name__ == "__main__":
