@@ -891,7 +891,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--folder-new", type=int, default=10, help="new messages per cycle for the folder figure"
     )
     parser.add_argument(
-        "--folder-runs", type=int, help="runs of each folder for the folder figure (default 9)"
+        "--folder-runs",
+        type=int,
+        help="runs of each folder for the folder figure (default 21; quick 3)",
     )
     parser.add_argument(
         "--mailboxes", type=int, help="catch-alls in one forwarder run (default 1,000; quick 100)"
@@ -914,9 +916,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opts.deliveries = opts.deliveries or (100_000 if quick else 1_000_000)
     opts.store_runs = opts.store_runs or (2 if quick else 7)
     opts.folder_messages = opts.folder_messages or (10_000 if quick else 100_000)
-    opts.folder_runs = opts.folder_runs or (3 if quick else 9)
     opts.mailboxes = opts.mailboxes or (100 if quick else 1000)
     opts.mailbox_messages = opts.mailbox_messages or (60 if quick else 300)
+    opts.folder_runs = opts.folder_runs or (3 if quick else 21)
     opts.output = opts.output or (QUICK_RESULTS if quick else RESULTS)
     opts.phases = [p.strip() for p in opts.phases.split(",") if p.strip()]
     unknown = set(opts.phases) - set(PHASES)
