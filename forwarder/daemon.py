@@ -105,6 +105,14 @@ class Daemon:
         log.error("worker_ended", mailbox=worker.name, error=detail)
         self._fail(ForwarderError(f"the loop of mailbox {worker.name} ended ({detail})"))
 
+    def _supervisor_ended(self, task: asyncio.Task[None]) -> None:
+        """The health checks end with the process only: a bug there stops it (status 1)."""
+        if self.stop.is_set() or task.cancelled():
+            return
+        error = task.exception()
+        log.error("worker_ended", mailbox=None, error=f"{type(error).__name__}: {error}")
+        self._fail(ForwarderError(f"the health checks ended ({type(error).__name__}: {error})"))
+
     def _fail(self, error: ForwarderError) -> None:
         if self.error is None:
             self.error = error
@@ -238,6 +246,7 @@ class Daemon:
         await fleet.leases.beat()  # mailboxes added are taken now, not at the next beat
         fleet.reconcile()  # removed ones stop after their cycle, added ones start
         await fleet.settled()
+        await fleet.unused_pools()
 
     # ------------------------------------------------------------------ run and stop
 
@@ -267,6 +276,7 @@ class Daemon:
         await self.fleet.start()
         self.tried(None)  # no mailbox worked here: nothing to wait for
         supervisor = asyncio.create_task(self.supervise())
+        supervisor.add_done_callback(self._supervisor_ended)
         try:
             await self.stop.wait()
         finally:

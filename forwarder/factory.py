@@ -77,13 +77,16 @@ def build_forwarder(
     *,
     owner: str | None = None,
     clock: Callable[[], float] = time.time,
+    smtp: SmtpPool | None = None,
 ) -> Forwarder:
+    """`smtp`: a pool shared with other mailboxes of the same SMTP endpoint (`forwarder
+    run`: a provider's relay gets a few connections, not some per mailbox)."""
     return Forwarder(
         mailbox,
         cycle_options(settings),
         store,
         ImapSource(mailbox.imap, settings.tls_ca_file),
-        SmtpPool(mailbox.smtp, settings.tls_ca_file),
+        smtp or SmtpPool(mailbox.smtp, settings.tls_ca_file),
         owner=owner or owner_id(),
         clock=clock,
     )

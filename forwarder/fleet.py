@@ -4,6 +4,11 @@ its APScheduler interval job, the first run of each spread over the interval by 
 name so that a thousand mailboxes do not poll at the same instant. The cycle slots (a
 semaphore) bound how many cycles run at once, and so the memory of many backlogs.
 
+Mailboxes with the same SMTP endpoint (server, port, security, login) share one pool
+of FORWARDER_SMTP_CONNECTIONS connections, opened when needed: a provider's relay sees
+a few connections from the process, not one or more per mailbox (a thousand idle
+connections would exhaust a Postfix's 100 smtpd processes).
+
 `stop` ends them within the grace: the deliveries in flight get STOP_GRACE seconds;
 then every connection still busy is shut down (a server gone silent is not waited for),
 and LOGOUT/QUIT go out everywhere at once, for CLOSE_GRACE seconds at most.
@@ -24,9 +29,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from forwarder.config import Settings
 from forwarder.cycle import Forwarder
 from forwarder.factory import build_forwarder
-from forwarder.mailbox import Mailbox
+from forwarder.mailbox import Mailbox, SmtpEndpoint
 from forwarder.mailbox_leases import MailboxLeases
 from forwarder.metrics import Metrics
+from forwarder.smtp_relay import SmtpPool
 from forwarder.state import StateStore
 from forwarder.worker import MailboxWorker, WorkerEvents, WorkerOptions
 
@@ -63,6 +69,7 @@ class Fleet:
         self.slots = asyncio.Semaphore(CYCLE_SLOTS)
         self.scheduler = AsyncIOScheduler()
         self.workers: dict[str, MailboxWorker] = {}
+        self.pools: dict[SmtpEndpoint, SmtpPool] = {}
         self.stopping = False
         self._letting_go: set[asyncio.Task[None]] = set()
         self._elsewhere: set[str] = set()  # configured, held by another instance
@@ -73,7 +80,12 @@ class Fleet:
         self.reconcile()
 
     def build(self, mailbox: Mailbox) -> Forwarder:
-        forwarder = build_forwarder(self.settings, mailbox, self.store, owner=self.owner)
+        pool = self.pools.get(mailbox.smtp)
+        if pool is None:
+            pool = self.pools[mailbox.smtp] = SmtpPool(mailbox.smtp, self.settings.tls_ca_file)
+        forwarder = build_forwarder(
+            self.settings, mailbox, self.store, owner=self.owner, smtp=pool
+        )
         if self.metrics is not None:
             forwarder.reporter.observer = self.metrics.observer(mailbox.name)
         return forwarder
@@ -161,11 +173,30 @@ class Fleet:
                     tasks[task].cut()
                     task.cancel()
                 await asyncio.wait(pending, timeout=CLOSE_GRACE)
-        await self.close(workers)
+        await asyncio.gather(self.close(workers), self.close_pools(list(self.pools)))
         await self.leases.stop()  # given back: the other instances take them at once
 
+    async def close_pools(self, endpoints: list[SmtpEndpoint]) -> None:
+        """QUIT on every connection of these pools at once, for at most CLOSE_GRACE."""
+        pools = [self.pools.pop(e) for e in endpoints if e in self.pools]
+        closing = [asyncio.create_task(p.close()) for p in pools]
+        if not closing:
+            return
+        _, pending = await asyncio.wait(closing, timeout=CLOSE_GRACE)
+        for task in pending:
+            task.cancel()
+        for pool in pools:
+            for relay in pool.relays:
+                relay.drop()
+
+    async def unused_pools(self) -> None:
+        """Close the pools no mailbox uses any more (after a reload)."""
+        used = {w.forwarder.mailbox.smtp for w in self.workers.values()}
+        used |= {w.pending_smtp for w in self.workers.values() if w.pending_smtp is not None}
+        await self.close_pools([e for e in self.pools if e not in used])
+
     async def close(self, workers: list[MailboxWorker]) -> None:
-        """Log out and QUIT everywhere at once, for at most CLOSE_GRACE; then cut."""
+        """Log out everywhere at once, for at most CLOSE_GRACE; then cut."""
         if not workers:
             return
         closing = {asyncio.create_task(w.close()): w for w in workers}

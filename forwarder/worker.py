@@ -37,6 +37,7 @@ from forwarder.cycle import Forwarder
 from forwarder.errors import EXIT_CONFIG, AuthError, ForwarderError, ImapBusyError
 from forwarder.executor import PROGRESS
 from forwarder.idle import IDLE_RENEW, shutdown_socket
+from forwarder.mailbox import SmtpEndpoint
 from forwarder.reporting import CycleSummary
 from forwarder.watch import Watch
 
@@ -142,16 +143,20 @@ class MailboxWorker:
         self.watch.stop()
 
     def cut(self) -> None:
-        """Shut down every connection now: what blocks on them returns at once."""
+        """Shut down its IMAP connections now: what blocks on them returns at once. (The
+        SMTP pool is shared with other mailboxes: the fleet closes it.)"""
         self.stop()
         self.watch.cut()
         shutdown_socket(self.forwarder.source.client)
-        for relay in self.forwarder.smtp.relays:
-            relay.drop()
 
     async def close(self) -> None:
-        """Log out and QUIT (the caller bounds the time; `cut` first if it runs out)."""
-        await self.forwarder.close()
+        """Log out (the caller bounds the time; `cut` first if it runs out)."""
+        await asyncio.to_thread(self.forwarder.source.close)
+
+    @property
+    def pending_smtp(self) -> SmtpEndpoint | None:
+        """The SMTP endpoint of a reloaded configuration not yet taken."""
+        return self._pending.mailbox.smtp if self._pending is not None else None
 
     def replace(self, forwarder: Forwarder) -> None:
         """A reloaded configuration: used from the next cycle on (never mid-cycle)."""
@@ -274,7 +279,7 @@ class MailboxWorker:
         old, self.forwarder = self.forwarder, pending
         endpoint_changed = old.mailbox.imap != pending.mailbox.imap
         try:
-            await old.close()
+            await asyncio.to_thread(old.source.close)  # the SMTP pool is the fleet's
         except Exception as exc:
             log.warning("close_failed", error=str(exc) or type(exc).__name__)
         if endpoint_changed:

@@ -88,6 +88,7 @@ def test_fifty_mailboxes_in_one_process_and_a_wrong_password_stops_only_its_own(
     assert float(str(failed["retry_in"])) >= 240  # refused credentials wait minutes
     daemon.wait_for_event("ready")
     assert daemon.process.poll() is None  # not exit 3: the others go on
+    assert smtp_sink.open_connections <= 4  # one pool for the relay they share, not 50
     status, events, stderr = daemon.stop()
     assert status == 0, stderr
     per_mailbox = {"delivery_sent", "message_forwarded", "cycle_finished", "cycle_failed"}
