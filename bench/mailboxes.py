@@ -71,9 +71,14 @@ class ManyAccounts(MailServer):
             f"mail_location = {self.mail_format}:{self.mail_root}",
             "mail_location = maildir:~/Maildir",
         )
-        # two connections a mailbox, plus logins and LMTP: above the defaults of 1,000
+        # two connections a mailbox, plus logins and LMTP: above the defaults (1,000
+        # clients; 1,024 imap processes, which the imap service sets for itself)
         limits = 3 * self.accounts + 100
-        return f"default_process_limit = {limits}\ndefault_client_limit = {limits}\n" + text
+        return (
+            f"default_process_limit = {limits}\ndefault_client_limit = {limits}\n"
+            + text
+            + f"service imap {{\n  process_limit = {limits}\n}}\n"
+        )
 
 
 def log(text: str) -> None:
