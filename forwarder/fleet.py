@@ -22,6 +22,7 @@ import functools
 import zlib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -40,6 +41,25 @@ log = structlog.get_logger("forwarder.daemon")
 STOP_GRACE = 8.0  # seconds to finish the deliveries in flight (the unit's TimeoutStopSec=15)
 CLOSE_GRACE = 2.0  # then seconds to log out and QUIT, all connections at once
 CYCLE_SLOTS = 32  # cycles at once
+
+
+class SharedPool(SmtpPool):
+    """The pool of one SMTP endpoint, shared by its mailboxes. Each mailbox's cycle asks
+    for a connection at its start (`connect`): here one at a time, through a connection
+    taken from the pool, so that two mailboxes never open one relay twice (the second
+    connection would be lost, open, until the process ends)."""
+
+    def __init__(self, endpoint: SmtpEndpoint, ca_file: Path | None) -> None:
+        super().__init__(endpoint, ca_file)
+        self._connecting = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._connecting:
+            if self.connected:
+                return
+            async with self.session() as relay:
+                if not relay.connected:
+                    await relay.connect()
 
 
 class Fleet:
@@ -69,7 +89,7 @@ class Fleet:
         self.slots = asyncio.Semaphore(CYCLE_SLOTS)
         self.scheduler = AsyncIOScheduler()
         self.workers: dict[str, MailboxWorker] = {}
-        self.pools: dict[SmtpEndpoint, SmtpPool] = {}
+        self.pools: dict[SmtpEndpoint, SharedPool] = {}
         self.stopping = False
         self._letting_go: set[asyncio.Task[None]] = set()
         self._elsewhere: set[str] = set()  # configured, held by another instance
@@ -82,7 +102,7 @@ class Fleet:
     def build(self, mailbox: Mailbox) -> Forwarder:
         pool = self.pools.get(mailbox.smtp)
         if pool is None:
-            pool = self.pools[mailbox.smtp] = SmtpPool(mailbox.smtp, self.settings.tls_ca_file)
+            pool = self.pools[mailbox.smtp] = SharedPool(mailbox.smtp, self.settings.tls_ca_file)
         forwarder = build_forwarder(
             self.settings, mailbox, self.store, owner=self.owner, smtp=pool
         )
