@@ -33,7 +33,7 @@ from forwarder.factory import build_forwarder
 from forwarder.mailbox import Mailbox, SmtpEndpoint
 from forwarder.mailbox_leases import MailboxLeases
 from forwarder.metrics import Metrics
-from forwarder.smtp_relay import SmtpPool
+from forwarder.smtp_pool import SmtpPool
 from forwarder.state import StateStore
 from forwarder.worker import MailboxWorker, WorkerEvents, WorkerOptions
 
