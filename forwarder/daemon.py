@@ -37,7 +37,7 @@ from forwarder.executor import DaemonThreadPool
 from forwarder.factory import open_store, owner_id
 from forwarder.fleet import Fleet
 from forwarder.health import STUCK_MARGIN, Health, raise_file_limit
-from forwarder.mailbox import DEFAULT_MAILBOX, Mailbox
+from forwarder.mailbox import Mailbox
 from forwarder.metrics import Metrics
 from forwarder.notify import Notifier
 from forwarder.reload import compare, log_changes
@@ -78,7 +78,7 @@ class Daemon:
             poll_interval=settings.poll_interval,
             ca_file=settings.tls_ca_file,
             single_connection=settings.imap_connections == 1,
-            refused_is_fatal=len(mailboxes) == 1 and mailboxes[0].name == DEFAULT_MAILBOX,
+            refused_is_fatal=settings.mailboxes_file is None,  # the one mailbox of the variables
         )
         self.metrics = Metrics() if settings.metrics_address else None
         self.fleet = Fleet(
