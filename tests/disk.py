@@ -72,9 +72,10 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
-    """A mounted 4 MiB tmpfs (root only), unmounted after the test."""
-    disk = SmallDisk(tmp_path / "small-disk")
+def small_disk(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SmallDisk]:
+    """A mounted 4 MiB tmpfs (root only), unmounted after the test; another size with
+    `@pytest.mark.parametrize("small_disk", [bytes], indirect=True)`."""
+    disk = SmallDisk(tmp_path / "small-disk", getattr(request, "param", 4 * 1024 * 1024))
     disk.mount()
     try:
         yield disk

@@ -258,6 +258,7 @@ class FillDuringSends(threading.Thread):
         pytest.param(300, 40, id="300-messages-40-kills", marks=pytest.mark.soak),
     ],
 )
+@pytest.mark.parametrize("small_disk", [32 * 1024 * 1024], indirect=True)  # the WAL grows
 def test_sigkill_while_the_disk_is_full(
     messages: int,
     kills_wanted: int,
@@ -266,10 +267,11 @@ def test_sigkill_while_the_disk_is_full(
     env_for_subprocess: dict[str, str],
     small_disk: SmallDisk,
 ) -> None:
-    """The state file on a real tmpfs, filled to the last byte once the server has taken
-    a few more messages; the run, holding replies it cannot write (and waiting for space
-    to write them), is killed a moment after it says so: those replies are lost, and
-    counted as ambiguous. Space comes back before the next run."""
+    """The state file on a real tmpfs (32 MiB: room for the WAL of 300 messages), filled
+    to the last byte once the server has taken a few more messages; the run, holding
+    replies it cannot write (and waiting for space to write them), is killed a moment
+    after it says so: those replies are lost, and counted as ambiguous. Space comes back
+    before the next run."""
     rng = random.Random(20261126)
     state_db = small_disk.path / "state.db"
     env = {
