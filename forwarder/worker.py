@@ -44,6 +44,7 @@ from forwarder.watch import Watch
 log = structlog.get_logger("forwarder.daemon")
 T = TypeVar("T")
 MAX_BACKOFF = 300.0
+SAVE_AT_STOP = 1.0  # seconds a stop tries to write replies a failed commit left in memory
 REFUSED_BACKOFF = (300.0, 3600.0)  # refused credentials: first and longest wait
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -150,7 +151,13 @@ class MailboxWorker:
         shutdown_socket(self.forwarder.source.client)
 
     async def close(self) -> None:
-        """Log out (the caller bounds the time; `cut` first if it runs out)."""
+        """Write the replies a failed commit left in memory if the store takes them now
+        (else say how many are lost), then log out (the caller bounds the time; `cut`
+        first if it runs out)."""
+        try:
+            await self.forwarder.save_results(SAVE_AT_STOP)
+        except ForwarderError as exc:
+            log.error("replies_lost", error=str(exc))
         await asyncio.to_thread(self.forwarder.source.close)
 
     @property

@@ -11,6 +11,7 @@ sends nothing twice beyond those.
 from __future__ import annotations
 
 import re
+import signal
 import threading
 from collections import Counter
 from pathlib import Path
@@ -149,6 +150,51 @@ async def test_replies_still_unwritable_after_the_wait_are_counted_lost_and_sent
     print(f"\ndisk full for good: {lost} replies lost, re-sent by the next run")
     assert set(received) == expected
     assert sum(received.values()) - len(received) == lost  # those, and nothing else
+
+
+def test_a_stop_with_replies_it_cannot_write_says_how_many_are_lost(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    env_for_subprocess: dict[str, str],
+    small_disk: SmallDisk,
+) -> None:
+    """`forwarder run` keeps trying to write them at each cycle; stopped while the disk is
+    still full, it tries once more, then logs `replies_lost` with their number."""
+    expected = deliver_backlog(mailbox, 40)
+    env = {
+        **env_for_subprocess,
+        "FORWARDER_STATE_DB": str(small_disk.path / "state.db"),
+        "FORWARDER_POLL_INTERVAL": "3600",
+    }
+    smtp_sink.delay["DATA"] = 0.05
+    filler = FillWhenSending(smtp_sink, small_disk)
+    run = ForwarderProcess(env, "run")
+    try:
+        run.wait_for_event("cycle_failed")
+        filler.done()
+        run.send(signal.SIGTERM)
+        status, stderr = run.wait()
+    finally:
+        run.close()
+    assert status == 0, stderr
+    event = run.wait_for_event("replies_lost")
+    found = re.search(r"(\d+) replies of the SMTP server could not be written", str(event["error"]))
+    assert found is not None, event
+    lost = int(found.group(1))
+    assert lost > 0
+
+    small_disk.free()
+    smtp_sink.delay.clear()
+    again = ForwarderProcess(env, "once")
+    try:
+        status, stderr = again.wait()
+    finally:
+        again.close()
+    assert status == 0, stderr
+    received = pairs(smtp_sink)
+    print(f"\nrun stopped on a full disk: {lost} replies lost, re-sent by the next run")
+    assert set(received) == expected
+    assert sum(received.values()) - len(received) == lost
 
 
 def test_small_disk_fills_to_the_last_byte_and_frees(small_disk: SmallDisk) -> None:
