@@ -33,7 +33,8 @@ class Message:
     key: str
     sender: str | None = None
     started: float = field(default_factory=time.monotonic)
-    sent: int = 0
+    sent: int = 0  # members the server accepted in this cycle
+    results: int = 0  # members with a new result in this cycle (accepted or not)
     interrupted: int = 0
     delivered_to: list[str] = field(default_factory=list)  # members accepted in this cycle
 

@@ -80,6 +80,7 @@ class Reporter:
             "code": d.code,
             "reply": d.reply,
         }
+        message.results += 1
         if d.status is Status.DELIVERED:
             summary.delivered += 1
             message.sent += 1
@@ -111,7 +112,7 @@ class Reporter:
             sent=message.sent,
             deferred=len(waiting),
             failed=len(failed),
-            duplicate=message.sent == 0 and bool(recipients),
+            duplicate=message.results == 0 and bool(recipients),
             interrupted=message.interrupted,
             size=len(message.raw),
             duration_ms=round((time.monotonic() - message.started) * 1000),

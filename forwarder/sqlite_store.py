@@ -71,6 +71,8 @@ class SqliteStateStore:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA cache_size = -8192")  # KiB: hot B-tree pages stay cached
+            # After a checkpoint the WAL is cut back to 1 MiB: a small disk keeps its space.
+            self._db.execute("PRAGMA journal_size_limit = 1048576")
             with self._transaction() as db:
                 sqlite_schema.migrate(db, DEFAULT_MAILBOX)
                 if exclusive:  # we are the only writer: every claim left is a dead one's

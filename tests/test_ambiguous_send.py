@@ -114,6 +114,8 @@ async def test_connection_lost_after_the_final_dot_defers_the_members_with_no_re
         assert event["next_try"] is not None
     assert summary.deferred == 2 and summary.forwarded == 0
     assert flags(mailbox) == [set()]  # not flagged while the outcome is unknown
+    [message] = [e for e in logs if e["event"] == "message_deferred"]
+    assert message["duplicate"] is False  # it was sent in this cycle, only not answered
 
 
 async def test_status_shows_an_ambiguous_send_as_deferred_with_its_outcome_unknown(
