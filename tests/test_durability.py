@@ -167,3 +167,19 @@ async def test_messages_waiting_for_a_connection_are_not_sent_after_a_failed_com
     # while the first commit was being written depends on the disk's speed.)
     [sent] = sent_at_failure
     assert len(smtp_sink.received) <= sent + 2 < 20
+
+
+def test_the_write_ahead_log_is_cut_back_after_a_checkpoint(tmp_path: Path) -> None:
+    """A small disk keeps its space: the WAL does not stay at its high-water mark."""
+    from forwarder.state import UidRecord, UidState
+
+    path = tmp_path / "s.db"
+    store = SqliteStateStore(path)
+    try:
+        big = [UidRecord(n, UidState.SKIPPED, reason="x" * 200) for n in range(30_000)]
+        store.record_uids("default", 1, big, 1.0)  # one transaction: an 8 MB WAL, checkpointed
+        store.record_uids("default", 1, [UidRecord(99_999, UidState.DONE)], 2.0)  # WAL restarts
+        wal = path.with_name(path.name + "-wal")
+        assert wal.stat().st_size <= 1024 * 1024 + 64 * 1024
+    finally:
+        store.close()
