@@ -13,7 +13,7 @@ transactions in flight and shared commits, never from skipping a step.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -23,23 +23,16 @@ import structlog
 from forwarder.committer import GroupCommitter
 from forwarder.dispatch import Dispatcher
 from forwarder.errors import ForwarderError, ImapError, UnreadableMessage
-from forwarder.imap_source import (
-    FORWARD_FAILED,
-    FORWARDED,
-    QUARANTINE,
-    SEEN,
-    Fetched,
-    ImapSource,
-)
+from forwarder.folder import FolderProgress
+from forwarder.imap_source import FORWARD_FAILED, FORWARDED, Fetched, ImapSource
 from forwarder.mailbox import Mailbox
-from forwarder.plan import Message, fetch_batches, outcome, prepare, seen_before
+from forwarder.plan import Message, fetch_batches, outcome, prepare
 from forwarder.reporting import CycleSummary, Reporter
 from forwarder.smtp_pool import SmtpPool
-from forwarder.state import FolderState, StateStore, UidRecord, UidState
+from forwarder.state import StateStore, UidRecord, UidState
 
 log = structlog.get_logger("forwarder.cycle")
 T = TypeVar("T")
-COMPLETE_EVERY = 600.0  # complete_through may lag this much: only fewer messages count as seen
 
 
 @dataclass(frozen=True)
@@ -88,8 +81,7 @@ class Forwarder:
             clock=clock,
         )
         self._imap_lock = asyncio.Lock()
-        self._marked: list[int] = []  # keywords set, not yet written down
-        self._completed = 0.0  # when complete_through was last written
+        self.folder = FolderProgress(mailbox.name, store, source, self._imap, clock)
 
     @property
     def stopping(self) -> bool:
@@ -150,18 +142,13 @@ class Forwarder:
             await self.dispatcher.release_leftovers()
 
     async def _cycle(self, summary: CycleSummary) -> None:
-        name = self.mailbox.name
         uidvalidity = self.source.uidvalidity
-        folder = await self._store(self.store.folder, name, uidvalidity)
-        if folder is None:
-            folder = await self._first_sight(uidvalidity)
-        if unmarked := await self._store(self.store.unmarked_uids, name, uidvalidity):
-            await self._mark(unmarked)  # a run that ended between recording and marking
-        new = await self._imap(self.source.uids_above, folder.watermark)
-        due = await self._store(self.store.open_uids, name, uidvalidity, self.clock())
+        progress = await self.folder.state(uidvalidity)
+        new = await self._imap(self.source.uids_above, progress.watermark)
+        due = await self._store(self.store.open_uids, self.mailbox.name, uidvalidity, self.clock())
         candidates = sorted(set(new) | set(due))
         if not candidates:
-            await self._complete(uidvalidity, summary)
+            await self.folder.complete(uidvalidity, summary.started, stopping=self.stopping)
             return
         info = await self._imap(self.source.message_info, candidates)
         fresh = set(new)
@@ -169,12 +156,12 @@ class Forwarder:
             u for u in new if u in info.found and {FORWARDED, FORWARD_FAILED} & info.found[u].flags
         }
         if elsewhere:
-            await self._foreign(uidvalidity, sorted(elsewhere))
+            await self.folder.forwarded_elsewhere(uidvalidity, sorted(elsewhere))
         sizes = {u: i.size for u, i in info.found.items() if u not in elsewhere}
         if info.unreadable:  # the server cannot even say its size: quarantined
             await self._batch(uidvalidity, [], None, summary, info.unreadable)
         if gone := [u for u in due if u not in info.found and u not in info.unreadable]:
-            await self._gone(uidvalidity, gone)
+            await self.folder.expunged(uidvalidity, gone)
         o = self.options
         batches = list(
             fetch_batches(candidates, sizes, o.fetch_batch_bytes, o.fetch_batch_messages)
@@ -203,27 +190,12 @@ class Forwarder:
         # The batches raised the watermark to their highest new UID; new messages above it
         # that were in no batch (already $Forwarded, unreadable, expunged) have a record too.
         last = max(new, default=None)
-        await self._complete(uidvalidity, summary, None if last is None or last in sizes else last)
-
-    async def _complete(
-        self, uidvalidity: int, summary: CycleSummary, watermark: int | None = None
-    ) -> None:
-        """Every message found was examined: remember when (see `_first_sight`)."""
-        marked, self._marked = self._marked, []
-        complete = not self.stopping and summary.started - self._completed >= COMPLETE_EVERY
-        if marked or complete or watermark is not None:  # an empty poll writes nothing
-            await self._store(
-                self.store.record_uids,
-                self.mailbox.name,
-                uidvalidity,
-                [],
-                self.clock(),
-                watermark=watermark,
-                complete_through=summary.started if complete else None,
-                marked=marked,
-            )
-            if complete:
-                self._completed = summary.started
+        await self.folder.complete(
+            uidvalidity,
+            summary.started,
+            stopping=self.stopping,
+            watermark=None if last is None or last in sizes else last,
+        )
 
     async def _batch(
         self,
@@ -273,17 +245,8 @@ class Forwarder:
             # Messages not finished (an error, a stop) stay open: examined again next cycle.
             for uid, _ in items:
                 records.setdefault(uid, UidRecord(uid, UidState.OPEN))
-            marked, self._marked = self._marked, []
-            await self._store(
-                self.store.record_uids,
-                self.mailbox.name,
-                uidvalidity,
-                list(records.values()),
-                self.clock(),
-                watermark=top,
-                marked=marked,
-            )
-        await self._mark(records.values())
+            await self.folder.record(uidvalidity, list(records.values()), top)
+        await self.folder.mark(records.values())
 
     def _quarantine(
         self, uid: int, size: int | None, exc: Exception, summary: CycleSummary
@@ -292,91 +255,3 @@ class Forwarder:
         reason = str(exc) or type(exc).__name__
         self.reporter.quarantined(uid, exc, size, expected=isinstance(exc, ValueError | ImapError))
         return UidRecord(uid, UidState.QUARANTINED, reason=reason)
-
-    async def _foreign(self, uidvalidity: int, uids: Sequence[int]) -> None:
-        """New messages already marked $Forwarded: another forwarder, with another state
-        store, works on this mailbox (or a person forwarded them by hand). Not sent."""
-        log.error(
-            "forwarded_elsewhere",
-            uids=list(uids),
-            reason="new messages already carry $Forwarded: another forwarder with another "
-            "state store may be working on this mailbox; run one",
-        )
-        records = [UidRecord(u, UidState.ELSEWHERE, reason="already $Forwarded") for u in uids]
-        await self._store(
-            self.store.record_uids, self.mailbox.name, uidvalidity, records, self.clock()
-        )
-
-    async def _gone(self, uidvalidity: int, uids: Sequence[int]) -> None:
-        """Open messages expunged from the folder (by a person, or a server's expiry):
-        closed, or they would be asked for at every cycle; their deliveries stay as they
-        are (`forwarder history` shows them)."""
-        log.warning("messages_expunged", uids=list(uids), reason="expunged while still open")
-        records = [UidRecord(u, UidState.GONE, reason="expunged") for u in uids]
-        await self._store(
-            self.store.record_uids, self.mailbox.name, uidvalidity, records, self.clock()
-        )
-
-    async def _first_sight(self, uidvalidity: int) -> FolderState:
-        """A folder (or UIDVALIDITY) never seen: record which of its messages are to examine.
-
-        Where keywords are kept, the messages without `$Forwarded` (and not quarantined);
-        elsewhere, all of them. After a UIDVALIDITY change, messages the old folder's last
-        complete cycle had already seen are recorded as handled instead (the store still
-        deduplicates the others by message key).
-        """
-        name = self.mailbox.name
-        previous = await self._store(self.store.last_folder, name)
-        every = await self._imap(self.source.all_uids)
-        todo = await self._imap(self.source.unforwarded_uids) if self.source.keywords else every
-        records = [UidRecord(u, UidState.OPEN) for u in todo]
-        if previous is not None and previous.complete_through is not None and todo:
-            info = await self._imap(self.source.message_info, todo)
-            received = {u: i.internaldate for u, i in info.found.items()}
-            old = seen_before(received, previous.complete_through)
-            records = [
-                UidRecord(u, UidState.BASELINE, reason="seen before the UIDVALIDITY change")
-                if u in old
-                else UidRecord(u, UidState.OPEN)
-                for u in todo
-            ]
-            log.warning(
-                "uidvalidity_changed",
-                old=previous.uidvalidity,
-                new=uidvalidity,
-                messages=len(every),
-                examined_again=len(todo) - len(old),
-                not_sent_again=len(old),
-            )
-        watermark = max(every, default=0)
-        await self._store(
-            self.store.record_uids, name, uidvalidity, records, self.clock(), watermark=watermark
-        )
-        folder = await self._store(self.store.folder, name, uidvalidity)
-        assert folder is not None
-        return folder
-
-    async def _mark(self, records: Iterable[UidRecord]) -> None:
-        """Keywords for people, where the folder keeps them; written down with the next
-        record (a crash before that only costs setting them again)."""
-        done: list[int] = []
-        failed: list[int] = []
-        quarantined: list[int] = []
-        for r in records:
-            if r.state is UidState.DONE:
-                done.append(r.uid)
-            elif r.state is UidState.FAILED:
-                failed.append(r.uid)
-            elif r.state is UidState.QUARANTINED:
-                quarantined.append(r.uid)
-        if not self.source.keywords:
-            if done or failed:
-                await self._imap(self.source.mark, done + failed, [SEEN])
-        else:
-            if done:
-                await self._imap(self.source.mark, done, [FORWARDED, SEEN])
-            if failed:
-                await self._imap(self.source.mark, failed, [FORWARDED, FORWARD_FAILED, SEEN])
-            if quarantined:
-                await self._imap(self.source.mark, quarantined, [QUARANTINE])
-        self._marked += done + failed + quarantined

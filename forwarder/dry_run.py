@@ -90,7 +90,7 @@ def survey(
     folder = store.folder(name, uidvalidity)
     elsewhere: set[int] = set()
     waiting: list[UidRecord] = []
-    if folder is None:  # as Forwarder._first_sight decides, without recording
+    if folder is None:  # as FolderProgress._first_sight decides, without recording
         # The cycle takes every UID where the folder keeps no keyword: there, no message
         # can carry $Forwarded, so this search finds them all (and EXAMINE hides
         # PERMANENTFLAGS).

@@ -3,7 +3,7 @@ the server): every UID changes, so the UID records of the old folder say nothing
 the new one. The old messages come back with their INTERNALDATE (an IMAP APPEND with the
 date, as restore and migration tools do), with or without their keywords; the state
 store's deliveries of them may have been pruned already. The ones the old folder's last
-complete cycle had seen are not sent again; the new ones are (cycle.py `_first_sight`).
+complete cycle had seen are not sent again; the new ones are (folder.py `_first_sight`).
 """
 
 from __future__ import annotations
