@@ -4,14 +4,12 @@ A private PostgreSQL cluster (tests.servers.PostgresCluster, with fsync on, as i
 production) and a fresh database per run. The same backlog of N messages is
 forwarded by:
 
-1. one `forwarder once`, SQLite (the reference, on the same machine state);
-2. one `forwarder once`, PostgreSQL;
-3. two `forwarder run` on one PostgreSQL and one mailbox: the mailbox lease gives the
-   whole mailbox to one of them (the other is there for availability);
-4. the backlog spread over 10 mailboxes (10 folders of the catch-all, a
-   FORWARDER_MAILBOXES_FILE): one `forwarder once` over the 10, then two instances
-   at once. Two `forwarder run` when the daemon serves several mailboxes
-   (`forwarder.worker`); until then one `forwarder once` per mailbox group (5 + 5).
+1. one `forwarder once`, SQLite, then PostgreSQL (the references);
+2. one `forwarder run`, then two on one database, on one mailbox: the mailbox lease
+   gives the whole mailbox to one of them (the other is there for availability);
+3. the backlog spread over 10 mailboxes (10 folders of the catch-all, a
+   FORWARDER_MAILBOXES_FILE): one `forwarder run`, then two, the leases dividing
+   the mailboxes between them.
 
 Throughput is N / wall time, from the spawn of the first process to the exit of the
 last (`once`) or to the sink's last acceptance (`run`). The CPU seconds of the
@@ -21,7 +19,6 @@ this machine. Every run checks that the sink got each message once.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +226,7 @@ class Instances:
         b.refill("inst", n)
         sqlite = self.measure("sqlite-once", lambda: self.once([self.env("sq", None)], "sq"))
         pg = self.measure("pg-once", lambda: self.once([self.env("pg", self.database())], "pg"))
+        alone = self.measure("pg-run", lambda: self.run(self.envs(1), "pg-run"))
         pair = self.measure("pg-run-x2", lambda: self.run(self.envs(2), "pg-run-x2"))
         rows = [
             Row(
@@ -248,6 +246,13 @@ class Instances:
             ),
             Row(
                 "instances",
+                "one instance, PostgreSQL, 1 mailbox (forwarder run)",
+                alone["msgs_per_s"],
+                "msg/s",
+                note="wall to the last message accepted, start-up included; " + cpu_note(alone),
+            ),
+            Row(
+                "instances",
                 "two instances, PostgreSQL, 1 mailbox (forwarder run x2)",
                 pair["msgs_per_s"],
                 "msg/s",
@@ -261,59 +266,34 @@ class Instances:
         b.results["instances"] = {"messages": n, "mailboxes": BOXES, "runs": self.runs}
 
     def ten_mailboxes(self) -> list[Row]:
-        from forwarder.config import Settings
-
-        if "mailboxes_file" not in Settings.model_fields:
-            self.bench.notes.append(
-                "instances: no FORWARDER_MAILBOXES_FILE in this forwarder yet: the "
-                f"{BOXES}-mailbox figures need it"
-            )
-            return []
         self.reset()
-        toml = self.spread()
-        lines = toml.read_text().split("[[mailbox]]")
-        halves = []
-        for i, part in enumerate((lines[1 : 1 + BOXES // 2], lines[1 + BOXES // 2 :])):
-            half = self.bench.workdir / f"mailboxes-{i}.toml"
-            half.write_text("".join("[[mailbox]]" + p for p in part))
-            halves.append(half)
+        toml = str(self.spread())
         one = self.measure(
-            "pg-once-10", lambda: self.once(self.envs(1, MAILBOXES_FILE=str(toml)), "pg-once-10")
+            "pg-run-10", lambda: self.run(self.envs(1, MAILBOXES_FILE=toml), "pg-run-10")
         )
-        if importlib.util.find_spec("forwarder.worker") is not None:
-            how = "forwarder run x2, the leases dividing the mailboxes"
-            two = self.measure(
-                "pg-run-x2-10",
-                lambda: self.run(self.envs(2, MAILBOXES_FILE=str(toml)), "pg-run-x2-10"),
-            )
-        else:
-            how = "one forwarder once per group of 5 mailboxes: run serves one mailbox yet"
-
-            def groups() -> tuple[float, float, dict[str, Any]]:
-                url = self.database()
-                envs = [self.env(f"g{i}", url, MAILBOXES_FILE=str(p)) for i, p in enumerate(halves)]
-                return self.once(envs, "pg-once-x2-10")
-
-            two = self.measure("pg-once-x2-10", groups)
+        two = self.measure(
+            "pg-run-x2-10", lambda: self.run(self.envs(2, MAILBOXES_FILE=toml), "pg-run-x2-10")
+        )
         ratio = two["msgs_per_s"] / one["msgs_per_s"]
         return [
             Row(
                 "instances",
-                f"one instance, PostgreSQL, {BOXES} mailboxes (forwarder once)",
+                f"one instance, PostgreSQL, {BOXES} mailboxes (forwarder run)",
                 one["msgs_per_s"],
                 "msg/s",
                 note=cpu_note(one),
             ),
             Row(
                 "instances",
-                f"two instances, PostgreSQL, {BOXES} mailboxes",
+                f"two instances, PostgreSQL, {BOXES} mailboxes (forwarder run x2)",
                 two["msgs_per_s"],
                 "msg/s",
-                note=f"{how}; {two['duplicates']} duplicates; " + cpu_note(two),
+                note=f"deliveries per instance {two['deliveries_per_instance']} (the leases "
+                f"divide the mailboxes); {two['duplicates']} duplicates; " + cpu_note(two),
             ),
             target_row(
                 "instances",
-                "  two / one instance",
+                "  two / one instance (forwarder run)",
                 ratio,
                 "x",
                 f">= {TARGET_SCALE:g}x",
