@@ -9,17 +9,12 @@ delivered. Duplicates can only come from there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
@@ -29,6 +24,7 @@ from forwarder.mailbox_leases import MailboxLeases
 from forwarder.pg_store import PgStateStore
 from forwarder.state import MessageResult
 from tests.conftest import LISTS, MakeSettings
+from tests.forwarder_process import Event, ForwarderProcess
 from tests.mail import build_message
 from tests.servers import MailServer, PostgresDatabase, SmtpSink
 from tests.test_crash import sink_pairs
@@ -114,36 +110,34 @@ async def test_a_database_outage_fails_the_cycle_in_one_line_and_the_next_one_du
 
 
 class Instance:
-    """One `forwarder run` process, its JSON log in a file."""
+    """One `forwarder run` (tests/forwarder_process.py), started again after a kill; the
+    events of every process it ran."""
 
-    def __init__(self, name: str, env: dict[str, str], directory: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str]) -> None:
         self.name = name
         self.env = env
-        self.log = directory / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._out: IO[bytes] | None = None
-        self.starts = 0
+        self.process: ForwarderProcess | None = None
+        self.past: list[Event] = []
 
     def start(self) -> None:
-        self._out = open(self.log, "ab")  # noqa: SIM115 (closed in wait)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "forwarder", "run"],
-            env=self.env,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-        )
-        self.starts += 1
+        self.process = ForwarderProcess(self.env, "run")
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.poll() is None else None
+        running = self.process is not None and self.process.process.poll() is None
+        return self.process.process.pid if running and self.process else None
 
-    def signal(self, signum: int, timeout: float = 60) -> int:
-        assert self.process is not None and self._out is not None
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout)
-        self._out.close()
-        return code
+    def signal(self, signum: signal.Signals, timeout: float = 60) -> int:
+        assert self.process is not None
+        self.process.send(signum)
+        status, _ = self.process.wait(timeout)
+        self.past += self.process.events
+        self.process.close()
+        self.process = None
+        return status
+
+    def events(self) -> list[Event]:
+        return self.past + (list(self.process.events) if self.process else [])
 
 
 def holder(db: PostgresDatabase) -> tuple[int, float] | None:
@@ -175,7 +169,6 @@ def two_instances(
     request: pytest.FixtureRequest,
     env_for_subprocess: dict[str, str],
     postgres_db: PostgresDatabase,
-    tmp_path: Path,
 ) -> Iterator[tuple[Instance, Instance]]:
     """Two `forwarder run` on one database; the lease is the test's `takeover_after`
     parameter (indirect), TAKEOVER_AFTER by default."""
@@ -187,7 +180,7 @@ def two_instances(
         "FORWARDER_FETCH_BATCH_MESSAGES": "10",
     }
     PgStateStore(postgres_db.url).close()  # the schema, so that the test can watch the leases
-    instances = (Instance("a", env, tmp_path), Instance("b", env, tmp_path))
+    instances = (Instance("a", env), Instance("b", env))
     yield instances
     for instance in instances:
         if instance.pid is not None:
@@ -269,14 +262,6 @@ def test_two_instances_whose_lease_holder_is_killed_at_random_send_each_pair_onc
     assert kills >= 5
 
 
-def events(instance: Instance) -> list[dict[str, object]]:
-    found = []
-    for line in instance.log.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            found.append(json.loads(line))
-    return found
-
-
 @pytest.mark.parametrize("two_instances", [STEADY_TAKEOVER_AFTER], indirect=True)
 def test_the_instance_without_the_lease_sends_nothing(
     mailbox: MailServer,
@@ -297,7 +282,7 @@ def test_the_instance_without_the_lease_sends_nothing(
     sent = {
         instance.name: sum(
             int(str(e.get("delivered", 0)))
-            for e in events(instance)
+            for e in instance.events()
             if e["event"] == "cycle_finished"
         )
         for instance in two_instances
@@ -305,7 +290,7 @@ def test_the_instance_without_the_lease_sends_nothing(
     waited = [
         instance.name
         for instance in two_instances
-        if any(e["event"] == "mailbox_held_elsewhere" for e in events(instance))
+        if any(e["event"] == "mailbox_held_elsewhere" for e in instance.events())
     ]
     assert sorted(sent.values()) == [0, len(expected)]
     assert waited == [name for name, count in sent.items() if count == 0]
@@ -329,3 +314,57 @@ async def test_leases_are_trusted_until_they_end_while_the_store_is_unreachable(
         assert await leases.beat() == {"box"}
     finally:
         store.close()
+
+
+def held_now(instance: Instance) -> set[str]:
+    """The mailboxes the instance said it holds, in its last `mailboxes_acquired`."""
+    found = [e for e in instance.events() if e["event"] == "mailboxes_acquired"]
+    return set(found[-1]["held"]) if found else set()  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("two_instances", [6.0], indirect=True)  # a heartbeat every 2 s
+def test_a_second_instance_takes_half_of_the_mailboxes_and_works_them(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    two_instances: tuple[Instance, Instance],
+    tmp_path: Path,
+) -> None:
+    boxes = [f"box{n}" for n in range(4)]
+    toml = tmp_path / "mailboxes.toml"
+    toml.write_text(
+        "".join(
+            f'[[mailbox]]\nname = "{box}"\nfolder = "{box}"\n'
+            f'lists = {{ "{box}@example.org" = ["member-{box}@example.org"] }}\n\n'
+            for box in boxes
+        )
+    )
+    with mailbox.imap() as client:
+        for box in boxes:
+            client.create_folder(box)
+        client.logout()
+    first, second = two_instances
+    for instance in two_instances:
+        instance.env = {**instance.env, "FORWARDER_MAILBOXES_FILE": str(toml)}
+    first.start()
+    wait_until(lambda: held_now(first) == set(boxes), 60, "the first instance holds all")
+    second.start()
+    wait_until(lambda: len(held_now(first)) == len(held_now(second)) == 2, 60, "two each")
+    with mailbox.imap() as client:  # new mail for every mailbox, after the division
+        for box in boxes:
+            client.append(box, build_message(to=f"{box}@example.org", message_id=f"<{box}@r>"))
+        client.logout()
+    expected = {(f"{box}@r", f"member-{box}@example.org") for box in boxes}
+    wait_until(lambda: set(sink_pairs(smtp_sink)) == expected, 60, "every mailbox forwarded")
+    first_held, second_held = held_now(first), held_now(second)
+    assert [i.signal(signal.SIGTERM) for i in two_instances] == [0, 0]
+    assert first_held | second_held == set(boxes) and not first_held & second_held
+    assert sum(sink_pairs(smtp_sink).values()) == len(expected)
+    worked = {
+        i.name: {
+            e["mailbox"]
+            for e in i.events()
+            if e["event"] == "cycle_finished" and int(str(e.get("delivered", 0))) > 0
+        }
+        for i in two_instances
+    }
+    assert worked == {first.name: first_held, second.name: second_held}
