@@ -1,11 +1,14 @@
 """Which mailboxes this instance works: the heartbeat of `forwarder run` on a shared store.
 
 `MailboxLeases` calls `StateStore.acquire_mailboxes` every FORWARDER_TAKEOVER_AFTER / 3
-seconds, independently of the cycles (a cycle may last longer than a lease), and
-keeps the answer. A worker runs a cycle on a mailbox only while `holds(name)`; when
+seconds (5 s at most, so that a new instance gets its share within seconds),
+independently of the cycles (a cycle may last longer than a lease), and keeps the
+answer. A worker runs a cycle on a mailbox only while `holds(name)`; when
 a mailbox is gained (another instance stopped, or gave it back) `on_gain` is called,
-so that its worker starts a cycle at once. If the store cannot be reached, what was
-held is trusted until the lease it had ends, then nothing is held. `stop` gives every
+so that its worker starts a cycle at once. What a beat returned is trusted for 2/3 of
+the lease (a backend may leave a lease with more time than that unrenewed), so while
+the store cannot be reached what was held is trusted until before its lease ends,
+then nothing is held. `stop` gives every
 mailbox back, so that the other instances take them at their next heartbeat.
 
 With the SQLite store every mailbox is always held (one process per file).
@@ -25,6 +28,8 @@ from forwarder.state import StateStore
 
 log = structlog.get_logger("forwarder.daemon")
 BEATS_PER_LEASE = 3
+MAX_BEAT = 5.0  # seconds between beats at most
+TRUSTED = 2 / 3  # of the ttl after a beat
 
 
 class MailboxLeases:
@@ -63,7 +68,7 @@ class MailboxLeases:
                 log.warning("mailbox_leases_not_renewed", error=str(exc))
             return self.held
         gained, lost = held - self.held, self.held - held
-        self.held, self._valid_until = held, started + self.ttl
+        self.held, self._valid_until = held, started + self.ttl * TRUSTED
         if gained or lost:
             log.info(
                 "mailboxes_acquired",
@@ -77,13 +82,13 @@ class MailboxLeases:
         return held
 
     async def start(self) -> None:
-        """The first heartbeat, then one every ttl / 3 in the background."""
+        """The first heartbeat, then one every ttl / 3 (5 s at most) in the background."""
         await self.beat()
         self._task = asyncio.create_task(self._beating())
 
     async def _beating(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl / BEATS_PER_LEASE)
+            await asyncio.sleep(min(self.ttl / BEATS_PER_LEASE, MAX_BEAT))
             await self.beat()
 
     async def stop(self) -> None:

@@ -6,7 +6,10 @@ nothing and rules out every race between two instances), it:
 
 1. records the instance as alive until the database clock + ttl;
 2. counts the live instances, and so its fair share: ceil(mailboxes / instances);
-3. renews the leases it holds (expired ones too, if nobody took them meanwhile);
+3. renews the leases it holds (expired ones too, if nobody took them meanwhile) that
+   have less than 2/3 of the ttl left: with a beat every few seconds, a thousand
+   mailboxes are not rewritten at every beat (the caller trusts a lease for 2/3 of
+   the ttl after a beat, so never past its end);
 4. gives back those above its share (a newcomer takes them at its next call), or
    takes free and expired ones up to its share.
 
@@ -25,6 +28,7 @@ from forwarder.pg_connect import Connection
 # pg_advisory_xact_lock key of the mailbox leases: 'fwd' 'lease' in ASCII.
 LEASE_LOCK = 0x667764_6C65617365
 _UNTIL = "clock_timestamp() + %(ttl)s * interval '1 second'"
+_RENEW_BELOW = "clock_timestamp() + %(ttl)s * interval '0.6667 second'"
 
 
 def acquire(conn: Connection, owner: str, names: Sequence[str], now: float, ttl: float) -> set[str]:
@@ -67,7 +71,9 @@ def acquire(conn: Connection, owner: str, names: Sequence[str], now: float, ttl:
             f"SELECT unnest(%(keep)s::text[]), %(owner)s, %(now)s, {_UNTIL} "
             "ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, "
             "until = excluded.until, "
-            "since = CASE WHEN l.owner = excluded.owner THEN l.since ELSE excluded.since END",
+            "since = CASE WHEN l.owner = excluded.owner THEN l.since ELSE excluded.since END "
+            # a lease with more than 2/3 of its time left is not rewritten at every beat
+            f"WHERE l.owner <> excluded.owner OR l.until < {_RENEW_BELOW}",
             {**args, "keep": keep},
         )
     return set(keep)

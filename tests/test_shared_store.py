@@ -322,7 +322,7 @@ def held_now(instance: Instance) -> set[str]:
     return set(found[-1]["held"]) if found else set()  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("two_instances", [6.0], indirect=True)  # a heartbeat every 2 s
+@pytest.mark.parametrize("two_instances", [15.0], indirect=True)  # a beat every 5 s
 def test_a_second_instance_takes_half_of_the_mailboxes_and_works_them(
     mailbox: MailServer,
     smtp_sink: SmtpSink,
