@@ -581,6 +581,11 @@ class ForwarderDaemon:
             + (self.cwd / "run.err").read_text(errors="replace")[-2000:]
         )
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
     def status(self) -> dict[str, int]:
         """VmRSS, VmHWM ... of /proc/PID/status, in kB."""
         assert self.process is not None
