@@ -98,9 +98,10 @@ class Instances:
         return self.cluster.create_database().url
 
     def envs(self, count: int, **extra: str) -> list[dict[str, str]]:
-        """`count` instances' settings on one new database."""
+        """`count` instances' settings on one new database (a short poll interval: the
+        first poll of each mailbox, which starts its IDLE, is spread over it)."""
         url = self.database()
-        return [self.env(f"i{i}", url, **extra) for i in range(count)]
+        return [self.env(f"i{i}", url, POLL_INTERVAL="5", **extra) for i in range(count)]
 
     def reset(self) -> None:
         """The backlog back in its staging folders, unforwarded again; an empty sink."""
@@ -267,28 +268,22 @@ class Instances:
 
     def settle(self, daemons: list[h.ForwarderDaemon], timeout: float = 60) -> None:
         """Wait until the instances hold the mailboxes in a fair split (their last
-        `mailboxes_acquired`): [5, 5] for 10 mailboxes and 2 instances, [1, 0] for 1."""
+        `mailboxes_acquired`): [5, 5] for 10 mailboxes and 2 instances, [1, 0] for 1;
+        and each watches its mailboxes with IDLE (their first cycle done), so that the
+        backlog wakes their workers at once rather than at their next poll."""
         names, k = len(self.folders), len(daemons)
         fair = sorted(names // k + (1 if i < names % k else 0) for i in range(k))
         deadline = time.monotonic() + timeout
         while True:
-            held = sorted(
-                len(
-                    next(
-                        (
-                            e["held"]
-                            for e in reversed(d.events)
-                            if e.get("event") == "mailboxes_acquired"
-                        ),
-                        [],
-                    )
-                )
-                for d in daemons
-            )
-            if held == fair:
+            held = [last_held(d) for d in daemons]
+            watched = [
+                {e.get("mailbox") for e in d.events if e.get("event") == "idle_started"} & mine
+                for d, mine in zip(daemons, held, strict=True)
+            ]
+            if sorted(map(len, held)) == fair and watched == held:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the leases did not settle: {held}, expected {fair}")
+                raise RuntimeError(f"not settled: held {held}, watched by IDLE {watched}")
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ the phase
@@ -374,6 +369,14 @@ class Instances:
                 lambda v: v >= TARGET_SCALE,
             ),
         ]
+
+
+def last_held(daemon: h.ForwarderDaemon) -> set[str]:
+    """The mailboxes an instance said it holds in its last `mailboxes_acquired`."""
+    for event in reversed(daemon.events):
+        if event.get("event") == "mailboxes_acquired":
+            return set(event["held"])
+    return set()
 
 
 def cpu_note(run: dict[str, Any]) -> str:
