@@ -24,13 +24,24 @@ import dataclasses
 import re
 import threading
 from collections.abc import Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 MASK = "***"
 _MIN_DERIVED = 4  # shorter lossy or base64 forms would mask ordinary text
 _SHORT_ESCAPES = {"\t": "t", "\n": "n", "\r": "r", "\b": "b", "\f": "f", "\v": "v", "\0": "0"}
+
+
+def _url_passwords(text: str) -> list[str]:
+    """The passwords a URL carries: in its user part, and as libpq's `?password=`."""
+    try:
+        parts = urlsplit(text)
+        query = parse_qs(parts.query)
+    except ValueError:
+        return []
+    found = [parts.password] if parts.password else []
+    return found + [value for value in query.get("password", []) if value]
 
 
 def _byte(value: int) -> str:
@@ -122,11 +133,7 @@ class Redactor:
         if not secret:
             return
         found = {secret}
-        try:
-            password = urlsplit(secret).password
-        except ValueError:
-            password = None
-        if password:  # a URL's password, as is and percent-decoded
+        for password in _url_passwords(secret):  # as is and percent-decoded
             found |= {password, unquote(password)}
         with self._lock:
             if found <= self._secrets:

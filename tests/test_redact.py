@@ -45,6 +45,12 @@ def test_the_password_of_a_url_is_masked_alone_and_percent_encoded() -> None:
     assert "p%C3%A4ss%2Fw" not in redactor.scrub("url p%C3%A4ss%2Fw")
 
 
+def test_a_password_given_in_the_query_of_a_url_is_masked_alone() -> None:
+    redactor = Redactor()
+    redactor.register(SecretStr("postgresql://forwarder@db.example.org/mail?password=s3cr%C3%A9t"))
+    assert redactor.scrub("password 's3crét' refused") == f"password '{MASK}' refused"
+
+
 def test_secrets_are_found_in_nested_settings() -> None:
     class Endpoint(BaseModel):
         password: SecretStr
