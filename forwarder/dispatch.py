@@ -91,6 +91,7 @@ class Dispatcher:
                 message.interrupted = sum(
                     1 for a in message.route.recipients if normalize(a) in claim.interrupted
                 )
+        renewing = asyncio.create_task(self._renew_claims())
         try:
             outcomes = await asyncio.gather(
                 *(
@@ -102,6 +103,7 @@ class Dispatcher:
                 return_exceptions=True,
             )
         finally:
+            renewing.cancel()
             if self.committer.failed:  # given back once the results are written
                 self.leftovers |= unused
             elif unused:
@@ -121,6 +123,18 @@ class Dispatcher:
             if isinstance(outcome, BaseException):
                 raise outcome
         return states, broken
+
+    async def _renew_claims(self) -> None:
+        """While the batch is being sent, keep its claims from ending: a send may outlast
+        the lease (a large message, a slow server), and another instance must not take a
+        claim that is still being used. Stops with the batch, so claims kept after a failed
+        commit end on time."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, self.owner, self.clock(), self.lease)
+            except StateError as exc:  # the commit of the replies will say it too
+                log.warning("claims_not_renewed", error=str(exc))
 
     async def release_leftovers(self) -> None:
         """Give back the claims a failed commit kept (the store is writable again), so that

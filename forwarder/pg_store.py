@@ -29,6 +29,7 @@ from forwarder.errors import StateError
 from forwarder.pg_connect import Connection, Pool, target, text
 from forwarder.pg_report import read_report
 from forwarder.state import (
+    CYCLES_KEPT,
     Claim,
     ClaimRequest,
     CycleRecord,
@@ -44,7 +45,6 @@ from forwarder.state import (
     UidState,
 )
 
-CYCLES_KEPT = 1000  # cycle records kept per mailbox
 _LEASE = "clock_timestamp() + %(lease)s * interval '1 second'"
 _PAIRS = "unnest(%(keys)s::text[], %(members)s::text[]) AS r(k, m)"
 _INSERT_NEW = f"""

@@ -18,6 +18,7 @@ from forwarder.state import CycleRecord, Delivery, StateStore, Status
 
 log = structlog.get_logger("forwarder.cycle")
 PRUNE_EVERY = 24 * 3600.0
+IDLE_RECORD_EVERY = 600.0  # empty polls are recorded at most this often per mailbox
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -70,6 +71,7 @@ class Reporter:
         self.clock = clock
         self.observer: ReportObserver | None = None
         self._last_prune = 0.0
+        self._recorded = 0.0  # when a cycle record was last written
 
     def delivery(self, d: Delivery, message: Message, summary: CycleSummary) -> None:
         fields = {
@@ -148,6 +150,9 @@ class Reporter:
             peak_rss_mb=peak_rss_mb(),
             **summary.as_dict(),
         )
+        if outcome == "ok" and summary.idle and finished - self._recorded < IDLE_RECORD_EVERY:
+            return  # an empty poll: no write (a thousand mailboxes poll every minute)
+        self._recorded = finished
         s = summary
         record = CycleRecord(
             s.started,

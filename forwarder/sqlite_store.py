@@ -22,6 +22,7 @@ from forwarder.errors import StateError, StoreBusy
 from forwarder.mailbox import DEFAULT_MAILBOX
 from forwarder.sqlite_report import read_report
 from forwarder.state import (
+    CYCLES_KEPT,
     Claim,
     ClaimRequest,
     CycleRecord,
@@ -442,7 +443,11 @@ class SqliteStateStore:
                     c.error,
                 ),
             )
-            db.execute("DELETE FROM cycles WHERE id <= (SELECT MAX(id) - 1000 FROM cycles)")
+            db.execute(  # the last CYCLES_KEPT of each mailbox
+                "DELETE FROM cycles WHERE mailbox = ? AND id <= (SELECT MAX(id) FROM cycles "
+                "WHERE mailbox = ?) - ?",
+                (mailbox, mailbox, CYCLES_KEPT),
+            )
 
     def prune(self, before: float) -> int:
         """Forget deliveries and message records last touched before `before` (open ones and

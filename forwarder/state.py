@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+CYCLES_KEPT = 1000  # cycle records a store keeps per mailbox (the most recent)
+
 
 class Status(StrEnum):
     PENDING = "pending"  # claimed, about to be sent; under an expired claim = outcome unknown

@@ -379,3 +379,16 @@ async def test_messages_left_unsent_by_a_stop_go_out_at_the_next_cycle(
     smtp_sink.delay.clear()
     await forward_once(settings)  # a restart, moments later
     assert delivered(smtp_sink) == {"dave@example.org": 3}
+
+
+async def test_empty_polls_are_recorded_at_most_every_ten_minutes(settings: Settings) -> None:
+    """A thousand mailboxes polling every minute must not write a record each time."""
+    store = SqliteStateStore(settings.state_db)
+    forwarder = make_forwarder(settings, store)
+    try:
+        for _ in range(3):
+            await forwarder.run_cycle()
+        assert store.report(None, failed_limit=1).cycles == 1
+    finally:
+        await forwarder.close()
+        store.close()

@@ -368,3 +368,34 @@ def test_a_second_instance_takes_half_of_the_mailboxes_and_works_them(
         for i in two_instances
     }
     assert worked == {first.name: first_held, second.name: second_held}
+
+
+async def test_claims_are_renewed_while_a_send_outlasts_the_lease(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    postgres_db: PostgresDatabase,
+    make_settings: MakeSettings,
+) -> None:
+    """Instance A's send takes longer than the claim's lease; instance B, cycling meanwhile
+    on the same mailbox, must not take the claim and send the message a second time."""
+    lease = 0.5
+    settings = make_settings(state_db="", state_url=postgres_db.url, takeover_after=lease)
+    mailbox.deliver(build_message(), ["contact@example.org"])
+    stores = [open_store(settings), open_store(settings)]
+    a, b = (build_forwarder(settings, settings.mailboxes()[0], store) for store in stores)
+    smtp_sink.delay = {"DATA": 4 * lease}
+    try:
+        sending = asyncio.create_task(a.run_cycle())
+        await asyncio.to_thread(smtp_sink.wait_for_command, "DATA", 30)
+        await asyncio.sleep(2 * lease)  # the behaviour under test: a claim past its lease
+        await b.run_cycle()
+        await sending
+    finally:
+        for forwarder in (a, b):
+            await forwarder.close()
+        for store in stores:
+            store.close()
+    assert sorted(rcpt for r in smtp_sink.received for rcpt in r.rcpt_tos) == [
+        "alice@example.org",
+        "bob@example.org",
+    ]

@@ -526,3 +526,15 @@ def test_released_mailboxes_are_taken_at_once(shared: StateStore) -> None:
     shared.acquire_mailboxes("two", NAMES, T0, LEASE)
     shared.release_mailboxes("one")
     assert shared.acquire_mailboxes("two", NAMES, T0 + 1, LEASE) == set(NAMES)
+
+
+def test_cycle_records_are_trimmed_per_mailbox(store: StateStore) -> None:
+    """A busy mailbox's records never push out a quiet one's last cycle."""
+    from forwarder.state import CYCLES_KEPT
+
+    store.record_cycle("quiet", CycleRecord(T0, T0 + 1, "ok", messages=1))
+    for n in range(CYCLES_KEPT + 5):
+        store.record_cycle(BOX, CycleRecord(T0 + n, T0 + n + 1, "ok"))
+    quiet = store.report("quiet", failed_limit=1)
+    assert quiet.last_cycle is not None and quiet.last_cycle.messages == 1
+    assert store.report(BOX, failed_limit=1).cycles == CYCLES_KEPT

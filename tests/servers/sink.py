@@ -363,6 +363,12 @@ class SmtpSink(Server):
                 )
             return list(self.received)
 
+    def wait_for_command(self, name: str, timeout: float = 10.0) -> None:
+        """Wait until a client has sent the command `name` (as in `commands`)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: name in self.commands, timeout):
+                raise TimeoutError(f"no {name} command within {timeout} s: {self.commands!r}")
+
     @property
     def open_connections(self) -> int:
         with self._changed:
@@ -394,6 +400,7 @@ class SmtpSink(Server):
     def _log_command(self, name: str) -> None:
         with self._changed:
             self.commands.append(name)
+            self._changed.notify_all()
 
     def _take_disconnect(self, received: Received) -> bool:
         with self._changed:
