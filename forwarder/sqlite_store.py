@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
-from forwarder import sqlite_ops, sqlite_schema
+from forwarder import sqlite_claims, sqlite_folders, sqlite_ops, sqlite_schema
 from forwarder.errors import StateError, StoreBusy
 from forwarder.mailbox import DEFAULT_MAILBOX
 from forwarder.sqlite_report import read_report
@@ -29,16 +29,13 @@ from forwarder.state import (
     DeliveryQuery,
     DeliveryRow,
     FolderState,
-    MemberState,
     MessageResult,
     Requeued,
-    Status,
     StoreReport,
     UidRecord,
     UidState,
 )
 
-_CHUNK = 500  # host parameters per IN (...) list
 # The claims in play, in words the deliveries_due partial index answers (SQLite uses a
 # partial index only when the query repeats its WHERE): never a scan of every delivery.
 _PENDING = "status IN ('pending', 'deferred') AND status = 'pending'"
@@ -198,81 +195,8 @@ class SqliteStateStore:
         now: float,
         lease: float,
     ) -> list[Claim]:
-        keys = list(dict.fromkeys(r.message_key for r in requests))
-        until = now + lease
         with self._transaction() as db:
-            rows = _member_rows(db, mailbox, keys)
-            inserts: list[tuple[object, ...]] = []
-            updates: list[tuple[object, ...]] = []
-            claims: list[Claim] = []
-            for request in requests:
-                known = rows.setdefault(request.message_key, {})
-                states: dict[str, MemberState] = {}
-                won: set[str] = set()
-                interrupted: set[str] = set()
-                lists = ",".join(request.lists)
-                for member, address in request.members:
-                    row = known.get(member)
-                    if row is None:
-                        state = MemberState(Status.PENDING, 0, now, None)
-                        inserts.append(
-                            (
-                                mailbox,
-                                request.message_key,
-                                member,
-                                address,
-                                now,
-                                now,
-                                lists,
-                                request.message_id,
-                                request.sender,
-                                owner,
-                                until,
-                            )
-                        )
-                    else:
-                        state, claim_until = row
-                        if state.status is Status.DEFERRED and (state.next_try or 0) <= now:
-                            pass
-                        elif state.status is Status.PENDING and (claim_until or 0) < now:
-                            interrupted.add(member)
-                            state = MemberState(
-                                Status.PENDING, state.attempts + 1, state.first_try, None
-                            )
-                        else:
-                            states[member] = state
-                            continue
-                        state = MemberState(
-                            Status.PENDING, state.attempts, state.first_try, state.next_try
-                        )
-                        updates.append(
-                            (
-                                state.attempts,
-                                now,
-                                owner,
-                                until,
-                                mailbox,
-                                request.message_key,
-                                member,
-                            )
-                        )
-                    known[member] = (state, until)
-                    states[member] = state
-                    won.add(member)
-                claims.append(Claim(states, frozenset(won), frozenset(interrupted)))
-            db.executemany(
-                "INSERT INTO deliveries (mailbox, message_key, member, address, status, "
-                "attempts, first_try, updated, lists, message_id, sender, claim_owner, "
-                "claim_until) VALUES (?, ?, ?, ?, 'pending', 0, ?, ?, ?, ?, ?, ?, ?)",
-                inserts,
-            )
-            db.executemany(
-                "UPDATE deliveries SET status = 'pending', attempts = ?, updated = ?, "
-                "claim_owner = ?, claim_until = ? "
-                "WHERE mailbox = ? AND message_key = ? AND member = ?",
-                updates,
-            )
-        return claims
+            return sqlite_claims.claim(db, mailbox, requests, owner, now, lease)
 
     def renew(self, owner: str, now: float, lease: float) -> None:
         with self._transaction() as db:
@@ -294,68 +218,25 @@ class SqliteStateStore:
     def record_results(self, mailbox: str, results: Sequence[MessageResult], now: float) -> None:
         """The servers' replies, in one transaction (a group commit). Idempotent."""
         with self._transaction() as db:
-            db.executemany(
-                "UPDATE deliveries SET status = ?, code = ?, reply = ?, attempts = attempts + 1, "
-                "next_try = ?, updated = ?, claim_owner = NULL, claim_until = NULL "
-                "WHERE mailbox = ? AND message_key = ? AND member = ? AND status = 'pending'",
-                [
-                    (
-                        d.status.value,
-                        d.code,
-                        d.reply[:1000],
-                        d.next_try,
-                        now,
-                        mailbox,
-                        r.message_key,
-                        d.member,
-                    )
-                    for r in results
-                    for d in r.deliveries
-                ],
-            )
+            sqlite_claims.record_results(db, mailbox, results, now)
 
     # Folder progress --------------------------------------------------------------
 
     def folder(self, mailbox: str, uidvalidity: int) -> FolderState | None:
         with self._reading() as db:
-            row = db.execute(
-                "SELECT uidvalidity, watermark, complete_through FROM folders "
-                "WHERE mailbox = ? AND uidvalidity = ?",
-                (mailbox, uidvalidity),
-            ).fetchone()
-        return FolderState(*row) if row else None
+            return sqlite_folders.folder(db, mailbox, uidvalidity)
 
     def last_folder(self, mailbox: str) -> FolderState | None:
         with self._reading() as db:
-            row = db.execute(
-                "SELECT uidvalidity, watermark, complete_through FROM folders "
-                "WHERE mailbox = ? ORDER BY updated DESC LIMIT 1",
-                (mailbox,),
-            ).fetchone()
-        return FolderState(*row) if row else None
+            return sqlite_folders.last_folder(db, mailbox)
 
     def open_uids(self, mailbox: str, uidvalidity: int, now: float) -> list[int]:
-        # INDEXED BY here and in unmarked_uids: without statistics SQLite prefers the
-        # primary key, which has the same two leading columns, to a partial index, and
-        # would read every record of the folder at every cycle.
         with self._reading() as db:
-            rows = db.execute(
-                "SELECT uid FROM uids INDEXED BY uids_open WHERE mailbox = ? AND uidvalidity = ? "
-                "AND state = 'open' AND (due IS NULL OR due <= ?) ORDER BY uid",
-                (mailbox, uidvalidity, now),
-            ).fetchall()
-        return [uid for (uid,) in rows]
+            return sqlite_folders.open_uids(db, mailbox, uidvalidity, now)
 
     def unmarked_uids(self, mailbox: str, uidvalidity: int) -> list[UidRecord]:
-        """Final messages whose keywords were never confirmed set."""
         with self._reading() as db:
-            rows = db.execute(
-                "SELECT uid, state FROM uids INDEXED BY uids_unmarked WHERE mailbox = ? "
-                "AND uidvalidity = ? AND marked = 0 AND state IN ('done', 'failed', 'quarantined') "
-                "ORDER BY uid",
-                (mailbox, uidvalidity),
-            ).fetchall()
-        return [UidRecord(uid, UidState(state)) for uid, state in rows]
+            return sqlite_folders.unmarked_uids(db, mailbox, uidvalidity)
 
     def record_uids(
         self,
@@ -369,43 +250,8 @@ class SqliteStateStore:
         marked: Sequence[int] = (),
     ) -> None:
         with self._transaction() as db:
-            db.execute(
-                "INSERT INTO folders (mailbox, uidvalidity, watermark, complete_through, created, "
-                "updated) VALUES (?, ?, 0, NULL, ?, ?) ON CONFLICT DO UPDATE SET updated = ?",
-                (mailbox, uidvalidity, now, now, now),
-            )
-            if watermark is not None:
-                db.execute(
-                    "UPDATE folders SET watermark = MAX(watermark, ?) "
-                    "WHERE mailbox = ? AND uidvalidity = ?",
-                    (watermark, mailbox, uidvalidity),
-                )
-            if complete_through is not None:
-                db.execute(
-                    "UPDATE folders SET complete_through = ? WHERE mailbox = ? AND uidvalidity = ?",
-                    (complete_through, mailbox, uidvalidity),
-                )
-            db.executemany(
-                "INSERT OR REPLACE INTO uids (mailbox, uidvalidity, uid, state, message_key, "
-                "message_id, reason, due, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        mailbox,
-                        uidvalidity,
-                        r.uid,
-                        r.state.value,
-                        r.message_key,
-                        r.message_id,
-                        r.reason,
-                        r.due,
-                        now,
-                    )
-                    for r in records
-                ],
-            )
-            db.executemany(
-                "UPDATE uids SET marked = 1 WHERE mailbox = ? AND uidvalidity = ? AND uid = ?",
-                [(mailbox, uidvalidity, uid) for uid in marked],
+            sqlite_folders.record_uids(
+                db, mailbox, uidvalidity, records, now, watermark, complete_through, marked
             )
 
     # Mailbox leases ----------------------------------------------------------------
@@ -512,19 +358,3 @@ class SqliteStateStore:
         with self._lock:
             self._db.close()
         self._release_lock()
-
-
-def _member_rows(
-    db: sqlite3.Connection, mailbox: str, keys: Sequence[str]
-) -> dict[str, dict[str, tuple[MemberState, float | None]]]:
-    found: dict[str, dict[str, tuple[MemberState, float | None]]] = {}
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
-        for key, member, status, attempts, first_try, next_try, claim_until in db.execute(
-            "SELECT message_key, member, status, attempts, first_try, next_try, claim_until "
-            f"FROM deliveries WHERE mailbox = ? AND message_key IN ({','.join('?' * len(chunk))})",
-            [mailbox, *chunk],
-        ):
-            state = MemberState(Status(status), attempts, first_try, next_try)
-            found.setdefault(key, {})[member] = (state, claim_until)
-    return found
