@@ -3,7 +3,8 @@
 An old catch-all (mail that was there before the forwarder) is looked at with a dry
 run and marked with `baseline`; new mail then goes out, one member's address is
 refused, fixed, and re-sent with `retry`; `history` says who received what. A
-message for a list that did not exist yet is re-examined with `retry --uid`. Every
+message for a list that did not exist yet is re-examined with `retry --uid`. Last, the
+service (`forwarder run`) is told to reload after a member is added to a list. Every
 command is the real `forwarder` process; its output is printed as it comes.
 """
 
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tests.forwarder_process import ForwarderProcess
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink, server_env
 
@@ -101,7 +104,62 @@ def main() -> None:
         forwarder(env, "retry", "--uid", str(info_uid))
         forwarder(env, "once")
         forwarder(env, "history", "info@example.org")
+
+        section("The service: a member added to a list, then `systemctl reload` (SIGHUP)")
+        reload_demo(env, mail, sink, Path(tmp))
         print(f"\nSMTP transactions in all: {len(sink.received)}")
+
+
+RELOAD_SHOWN = ("ready", "reload_requested", "config_reloaded", "lists_changed", "stopped")
+
+
+def reload_demo(env: dict[str, str], mail: MailServer, sink: SmtpSink, tmp: Path) -> None:
+    """`forwarder run` with its lists in a file; the file is edited and the service told
+    to reload, as `systemctl reload forwarder` does; new mail reaches the new member."""
+    lists_file = tmp / "lists"
+    lists_file.write_text(
+        "# the lists, in the aliases(5) syntax\n"
+        "contact@example.org: alice@example.org, bob@example.org\n"
+        "compta@example.org: bob@example.org, carol@example.org\n"
+        "info@example.org: dave@example.org\n"
+    )
+    env = {k: v for k, v in env.items() if k != "FORWARDER_LISTS"}
+    env |= {"FORWARDER_LISTS_FILE": str(lists_file), "FORWARDER_POLL_INTERVAL": "3600"}
+    print(f"\n$ cat {lists_file.name}\n" + lists_file.read_text().rstrip())
+    print("\n$ forwarder run &   (its log lines below)")
+    service = ForwarderProcess(env, "run")
+    try:
+        show(service.wait_for_event("ready"))
+        print("\n$ sed -i 's/^contact@example.org: .*/&, erin@example.org/' lists")
+        lists_file.write_text(
+            lists_file.read_text().replace(
+                "contact@example.org: alice@example.org, bob@example.org",
+                "contact@example.org: alice@example.org, bob@example.org, erin@example.org",
+            )
+        )
+        print("$ kill -HUP $(pidof forwarder)   # what systemctl reload forwarder does")
+        service.send(signal.SIGHUP)
+        show(service.wait_for_event("config_reloaded"))
+        show(service.wait_for_event("lists_changed"))
+        before = len(sink.received)
+        mail.deliver(
+            build_message(to="contact@example.org", subject="After the reload"),
+            ["contact@example.org"],
+        )
+        [received] = sink.wait_for(before + 1, 60)[before:]
+        print(f"  (the sink received it for: {', '.join(sorted(received.rcpt_tos))})")
+        print("\n$ kill -TERM $(pidof forwarder)   # systemctl stop forwarder")
+        service.send(signal.SIGTERM)
+        status, _ = service.wait()
+        show(service.wait_for_event("stopped"))
+        print(f"(exit status {status})")
+    finally:
+        service.close()
+
+
+def show(event: dict[str, object]) -> None:
+    fields = {k: v for k, v in event.items() if k not in ("timestamp", "level", "logger")}
+    print("  log: " + json.dumps(fields))
 
 
 if __name__ == "__main__":
