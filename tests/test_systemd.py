@@ -5,17 +5,19 @@ service started at boot (tests/deployment.py); using it marks a test ``container
 (run by ``make test-systemd``, not ``make test``). Adding a check: act with
 ``system.write``/``system.systemctl``/``system.shell``, look with ``system.show``
 (``systemctl show`` properties), ``system.journal`` and :func:`members_received`,
-and wait with :func:`wait_until` on a condition, never on time. Two checks are due
-once their features land (issue 9):
+and wait with :func:`wait_until` on a condition, never on time. Among the checks:
 
-* reload: ``system.write(LISTS_FILE, ...)`` with a changed list, ``systemctl reload
-  forwarder`` (the unit needs ``ExecReload=``), then :func:`forward_one` to the
-  changed list, and the same ``MainPID`` as before;
-* journal priorities: provoke an error (e.g. ``systemctl stop smtp-sink``, then
-  deliver) and find it in ``system.journal(UNIT, "-p", "err")``.
+* reload: the lists file changed, ``systemctl reload forwarder`` (the unit's
+  ``ExecReload=``) while a message is being forwarded; that message reaches its
+  list's members once, a message to the changed list reaches its new members once,
+  the process is the same (``MainPID``);
+* journal priorities: an error provoked (``systemctl stop smtp-sink``, then a
+  message) is in ``journalctl -u forwarder -p err``, and no info line is.
 """
 
 from __future__ import annotations
+
+import json
 
 from tests.deployment import ADMIN_FUNCTION, CHECKOUT, LISTS, LISTS_FILE, UNIT, doc_commands
 from tests.mail import build_message
@@ -54,16 +56,34 @@ def members_received(system: Container) -> dict[str, int]:
     return counts
 
 
+def copies_of(system: Container, raw: bytes) -> dict[str, int]:
+    """How many copies of the message ``raw`` each address received."""
+    counts: dict[str, int] = {}
+    for transaction in received(system):
+        if transaction.data.endswith(raw):
+            for rcpt in transaction.rcpt_tos:
+                counts[rcpt] = counts.get(rcpt, 0) + 1
+    return counts
+
+
+def wait_for_copies(system: Container, raw: bytes, members: list[str]) -> None:
+    try:
+        wait_until(lambda: set(members) <= set(copies_of(system, raw)), "a copy for each member")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}\n{system.diagnosis(UNIT)}") from None
+
+
 def forward_one(system: Container, list_address: str) -> bytes:
     """Deliver a message to ``list_address``; return once every member received a copy."""
     raw = build_message(to=list_address)
     deliver(system, raw, list_address)
-    members = set(LISTS[list_address])
-    try:
-        wait_until(lambda: members <= set(members_received(system)), "a copy for each member")
-    except TimeoutError as error:
-        raise AssertionError(f"{error}\n{system.diagnosis(UNIT)}") from None
+    wait_for_copies(system, raw, LISTS[list_address])
     return raw
+
+
+def events(journal: str) -> list[dict[str, object]]:
+    """The forwarder's JSON log events among journal lines (``-o cat``)."""
+    return [json.loads(line) for line in journal.splitlines() if line.startswith("{")]
 
 
 def shorten_watchdog(system: Container) -> None:
@@ -141,6 +161,17 @@ def test_the_admin_helper_leaves_the_state_directory_to_the_service(system: Cont
     forward_one(system, "compta@example.org")  # the service still records its deliveries
 
 
+def test_the_service_and_the_admin_helper_use_the_state_file_of_the_state_directory(
+    system: Container,
+) -> None:
+    forward_one(system, "contact@example.org")
+    system.systemctl("stop", UNIT)  # its results recorded
+    system.run("test", "-s", f"{STATE_DIR}/state.db")  # $STATE_DIRECTORY/state.db
+    report = json.loads(system.shell(f". {ADMIN_FUNCTION}; forwarder_admin status --json").stdout)
+    assert report["state_db"] == "/var/lib/forwarder/state.db", report
+    assert report["deliveries"] == {"delivered": 2}, report
+
+
 def test_a_lists_file_only_root_can_read_stops_the_service_with_status_2(system: Container) -> None:
     system.run("chmod", "0600", LISTS_FILE)
     system.systemctl("restart", UNIT, check=False)  # fails: the process exits before READY
@@ -149,3 +180,50 @@ def test_a_lists_file_only_root_can_read_stops_the_service_with_status_2(system:
     assert failed, system.diagnosis(UNIT)
     error = f"FORWARDER_LISTS_FILE: cannot read {LISTS_FILE} (Permission denied)"
     assert error in system.journal(UNIT)  # as deploy/README.md quotes it
+
+
+def test_reload_applies_a_changed_lists_file_in_the_same_process(system: Container) -> None:
+    before = service_state(system)
+    changed = {**LISTS, "contact@example.org": ["alice@example.org", "dave@example.org"]}
+    system.write(LISTS_FILE, json.dumps(changed, indent=2) + "\n")  # mode 0644, as installed
+    in_flight = build_message(to="compta@example.org")  # a list the reload leaves as it is
+    deliver(system, in_flight, "compta@example.org")
+    system.systemctl("reload", UNIT)  # needs ExecReload=; returns once SIGHUP is sent
+
+    def reloaded() -> bool:
+        state = system.show(UNIT, "ActiveState")["ActiveState"]  # "reloading" until READY=1
+        return state == "active" and "lists_changed" in system.journal(UNIT)
+
+    wait_until(reloaded, "the reload to be applied (lists_changed, then READY)")
+    wait_for_copies(system, in_flight, LISTS["compta@example.org"])
+    after_reload = build_message(to="contact@example.org")
+    deliver(system, after_reload, "contact@example.org")
+    wait_for_copies(system, after_reload, changed["contact@example.org"])
+    state = service_state(system)
+    assert state["MainPID"] == before["MainPID"], system.diagnosis(UNIT)
+    assert (state["ActiveState"], state["NRestarts"]) == ("active", "0"), system.diagnosis(UNIT)
+    system.systemctl("stop", UNIT)  # nothing more can be sent: count now
+    assert copies_of(system, in_flight) == {"bob@example.org": 1, "carol@example.org": 1}
+    assert copies_of(system, after_reload) == {"alice@example.org": 1, "dave@example.org": 1}
+    logged = events(system.journal(UNIT, "--boot"))  # not the install's run
+    [change] = [e for e in logged if e["event"] == "lists_changed"]
+    assert change["members_added"] == {"contact@example.org": ["dave@example.org"]}
+    assert change["members_removed"] == {"contact@example.org": ["bob@example.org"]}
+    names = [e["event"] for e in logged]
+    assert names.count("started") == 1 and "stop_timeout" not in names, names
+
+
+def test_journal_priorities_let_p_err_show_the_errors_and_no_info_line(system: Container) -> None:
+    forward_one(system, "contact@example.org")  # info lines: message_forwarded, delivery_sent
+    system.systemctl("stop", "smtp-sink")
+    deliver(system, build_message(to="compta@example.org"), "compta@example.org")
+    wait_until(
+        lambda: "cycle_failed" in system.journal(UNIT), "the cycle to fail on the stopped sink"
+    )
+    everything = events(system.journal(UNIT))
+    assert {"started", "ready", "message_forwarded"} <= {e["event"] for e in everything}
+    errors = events(system.journal(UNIT, "-p", "err"))
+    assert "cycle_failed" in [e["event"] for e in errors], system.journal(UNIT, "-p", "err")
+    assert {e["level"] for e in errors} == {"error"}, errors
+    warnings = events(system.journal(UNIT, "-p", "warning"))
+    assert {e["level"] for e in warnings} <= {"error", "warning"}, warnings
