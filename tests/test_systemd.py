@@ -18,11 +18,13 @@ and wait with :func:`wait_until` on a condition, never on time. Among the checks
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 from tests.deployment import ADMIN_FUNCTION, CHECKOUT, LISTS, LISTS_FILE, UNIT, doc_commands
 from tests.mail import build_message
 from tests.servers.systemd import Container, wait_until
-from tests.servers.systemd_mail import deliver, received
+from tests.servers.systemd_mail import CATCHALL_PASSWORD, deliver, received
 
 STATE_DIR = "/var/lib/private/forwarder"  # where DynamicUser= keeps StateDirectory=forwarder
 WATCHDOG_SEC = 5  # shortened by a drop-in for the watchdog checks (the unit says 120)
@@ -227,3 +229,59 @@ def test_journal_priorities_let_p_err_show_the_errors_and_no_info_line(system: C
     assert {e["level"] for e in errors} == {"error"}, errors
     warnings = events(system.journal(UNIT, "-p", "warning"))
     assert {e["level"] for e in warnings} <= {"error", "warning"}, warnings
+
+
+# --------------------------------------------------------------------------- a provider's set-up
+
+PROVIDER_DOC = Path(__file__).resolve().parent.parent / "docs" / "provider.md"
+# What the administrator types into each file that docs/provider.md opens with `editor`.
+PROVIDER_EDITS = {
+    "/etc/forwarder/mailboxes.toml": """\
+[[mailbox]]
+name = "acme"
+imap_username = "catchall@example.org"
+imap_password_file = "passwords/acme"
+lists_file = "lists/acme"
+""",
+    "/etc/forwarder/passwords/acme": f"{CATCHALL_PASSWORD}\n",
+    "/etc/forwarder/lists/acme": "team@example.org: alice@example.org, erin@example.org\n",
+}
+PATH_EDITOR = """\
+#!/bin/sh
+# Stands in for the administrator: writes the prepared content of each file, by its path.
+set -e
+for file; do cat "/root/edits$file" > "$file"; done
+"""
+
+
+def provider_commands() -> str:
+    """docs/provider.md's block that creates the user and the files of a mailboxes file."""
+    text = PROVIDER_DOC.read_text()
+    [block] = [b for b in re.findall(r"^```sh\n(.*?)^```$", text, re.M | re.S) if "useradd" in b]
+    return block
+
+
+def test_a_mailboxes_file_with_group_readable_password_files_as_the_provider_guide_says(
+    system: Container,
+) -> None:
+    system.systemctl("stop", UNIT)  # the guide: the user is created before the service runs
+    for path, text in PROVIDER_EDITS.items():
+        system.write(f"/root/edits{path}", text, 0o600)
+    system.write("/usr/local/bin/editor", PATH_EDITOR, 0o755)
+    system.shell(provider_commands())
+    env = "/etc/forwarder/forwarder.env"
+    system.shell(f"echo FORWARDER_MAILBOXES_FILE=/etc/forwarder/mailboxes.toml >> {env}")
+    system.write("/etc/forwarder/imap_password", "", 0o600)  # every mailbox has its own
+    system.systemctl("start", UNIT)
+    state = service_state(system)
+    running = (state["ActiveState"], state["SubState"]) == ("active", "running")
+    assert running, system.diagnosis(UNIT)
+    static_uid = int(system.run("id", "-u", "forwarder").stdout)
+    assert int(system.run("ps", "-o", "uid=", "-p", state["MainPID"]).stdout) == static_uid
+    raw = build_message(to="team@example.org")
+    deliver(system, raw, "team@example.org")
+    wait_for_copies(system, raw, ["alice@example.org", "erin@example.org"])
+    logged = events(system.journal(UNIT, "--boot"))
+    assert [e["mailbox"] for e in logged if e["event"] == "message_forwarded"] == ["acme"]
+    check = system.shell(f". {ADMIN_FUNCTION}; forwarder_admin check --mailbox acme", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr  # reads the same files
