@@ -42,6 +42,23 @@ TARGET_P99 = 2.0  # s
 PASSWORD = "secret"
 
 
+def dovecot_limits(accounts: int) -> tuple[str, str]:
+    """Dovecot settings for `accounts` catch-alls, as docs/provider.md gives them: what goes
+    before the configuration, and the imap service's block. Two connections a mailbox, plus
+    logins and LMTP: above the defaults (1,000 clients; 1,024 imap processes, which the imap
+    service sets for itself)."""
+    limits = 3 * accounts + 100
+    return (
+        f"default_process_limit = {limits}\ndefault_client_limit = {limits}\n",
+        f"service imap {{\n  process_limit = {limits}\n}}\n",
+    )
+
+
+def inotify_needed(accounts: int) -> int:
+    """fs.inotify.max_user_instances for `accounts` catch-alls in IDLE (see inotify_instances)."""
+    return 3 * accounts + 256
+
+
 class ManyAccounts(MailServer):
     """The test suite's Dovecot with `accounts` catch-alls: catchall@org<N>.example."""
 
@@ -71,14 +88,8 @@ class ManyAccounts(MailServer):
             f"mail_location = {self.mail_format}:{self.mail_root}",
             "mail_location = maildir:~/Maildir",
         )
-        # two connections a mailbox, plus logins and LMTP: above the defaults (1,000
-        # clients; 1,024 imap processes, which the imap service sets for itself)
-        limits = 3 * self.accounts + 100
-        return (
-            f"default_process_limit = {limits}\ndefault_client_limit = {limits}\n"
-            + text
-            + f"service imap {{\n  process_limit = {limits}\n}}\n"
-        )
+        before, imap_service = dovecot_limits(self.accounts)
+        return before + text + imap_service
 
 
 def log(text: str) -> None:
@@ -145,7 +156,7 @@ class Mailboxes:
         workdir = self.bench.workdir / "mailboxes"
         workdir.mkdir(exist_ok=True)
         log(f"mailboxes: a Dovecot with {self.n} accounts")
-        with inotify_instances(3 * self.n + 256), ManyAccounts(self.n) as mail:
+        with inotify_instances(inotify_needed(self.n)), ManyAccounts(self.n) as mail:
             password = workdir / "password"
             password.write_text(PASSWORD + "\n")
             toml = workdir / "mailboxes.toml"
