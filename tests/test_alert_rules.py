@@ -9,7 +9,6 @@ runs; its service is not started).
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import yaml
 from tests.daemon_process import Daemon
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink, free_port
-from tests.servers.systemd import in_ci
+from tests.servers.systemd import required_tool
 from tests.test_metrics import scrape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,16 +32,7 @@ PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset"}
 
 @pytest.fixture
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = (
-            "promtool is not installed: it comes with the Debian package prometheus "
-            "(bash .ci/system-deps, as `make test` runs)"
-        )
-        if in_ci():
-            pytest.fail(f"{message}; CI must not skip the alert rules")
-        pytest.skip(message)
-    return path
+    return required_tool("promtool", "prometheus", "the alert rules")
 
 
 def rules() -> list[dict[str, Any]]:

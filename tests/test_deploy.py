@@ -8,7 +8,6 @@ sandbox, `verify` parses the unit and checks that ExecStart= is executable.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from forwarder.config_sources import CREDENTIAL_FILES
 from forwarder.errors import EXIT_AUTH, EXIT_CONFIG
-from tests.servers.systemd import in_ci
+from tests.servers.systemd import required_tool
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "forwarder.service"
 EXEC_START = "ExecStart=/opt/forwarder/bin/forwarder run"
@@ -26,16 +25,7 @@ MAX_EXPOSURE = 1.5  # systemd-analyze security: 0 = fully sandboxed, 10 = not at
 
 @pytest.fixture
 def analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        message = (
-            "systemd-analyze is not installed: it comes with the Debian package systemd "
-            "(bash .ci/system-deps systemd, as `make test` runs)"
-        )
-        if in_ci():
-            pytest.fail(f"{message}; CI must not skip the unit checks")
-        pytest.skip(message)
-    return path
+    return required_tool("systemd-analyze", "systemd", "the unit checks")
 
 
 def directives(text: str) -> list[tuple[str, str, str]]:

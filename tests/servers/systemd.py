@@ -47,6 +47,7 @@ __all__ = [
     "Bind",
     "Container",
     "in_ci",
+    "required_tool",
     "systemd_rootfs",
     "unavailable",
     "wait_until",
@@ -69,6 +70,21 @@ T = TypeVar("T")
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def required_tool(command: str, package: str, purpose: str) -> str:
+    """The path of a host command the tests need: skipped when it is missing, failed under
+    CI (which must not skip these checks)."""
+    path = shutil.which(command)
+    if path is None:
+        message = (
+            f"{command} is not installed: it comes with the Debian package {package} "
+            "(bash .ci/system-deps, as `make test` runs)"
+        )
+        if in_ci():
+            pytest.fail(f"{message}; CI must not skip {purpose}")
+        pytest.skip(message)
+    return path
 
 
 def unavailable() -> str | None:
