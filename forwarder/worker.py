@@ -8,7 +8,8 @@ with back-off, so one mailbox whose server is down or whose login is refused nev
 stops or slows the others. Every log line it writes carries `mailbox`.
 
 Its first cycle starts with the logins alone (`tried` then says the mailbox was tried
-once: the daemon sends READY when every mailbox was). IDLE starts after the first
+once: the daemon sends READY when every mailbox was; a refusal that stops the process,
+exit 3, comes before READY, so that `systemctl start` fails). IDLE starts after the first
 successful cycle, on a second connection (`IdleWatcher`), or on the cycle's own
 connection between cycles when FORWARDER_IMAP_CONNECTIONS=1 or when the server refused
 a second login for now (`ImapBusyError`).
@@ -213,9 +214,13 @@ class MailboxWorker:
             if logins:
                 try:
                     await self._in_slot(self.forwarder.connect)  # logins alone, then READY
-                finally:
+                except Exception as exc:
                     self.tried = True
-                    self.events.tried(self)
+                    if not self._fatal(exc):  # a fatal refusal exits before READY
+                        self.events.tried(self)
+                    raise
+                self.tried = True
+                self.events.tried(self)
                 logins = False
             summary = await self._in_slot(self.forwarder.run_cycle)
         except Exception as exc:
@@ -238,11 +243,15 @@ class MailboxWorker:
             finally:
                 self.cycle_started = None
 
-    async def _failed(self, exc: Exception) -> bool:
-        fatal = self.options.refused_is_fatal and (
+    def _fatal(self, exc: Exception) -> bool:
+        """Refused credentials (or configuration) of the one mailbox of the environment:
+        the process stops (exit 3), since waiting will not fix them."""
+        return self.options.refused_is_fatal and (
             isinstance(exc, AuthError) or getattr(exc, "exit_status", None) == EXIT_CONFIG
         )
-        if fatal:
+
+    async def _failed(self, exc: Exception) -> bool:
+        if self._fatal(exc):
             assert isinstance(exc, ForwarderError)
             self.events.fatal(self, exc)
             return True

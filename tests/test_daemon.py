@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -13,6 +14,17 @@ from tests.daemon_process import Daemon
 from tests.imap_faults import ImapFaultProxy
 from tests.mail import build_message
 from tests.servers import MailServer, SmtpSink
+
+
+def run_to_exit(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`forwarder run` that is expected to stop by itself."""
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", "run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_new_mail_is_forwarded_through_idle_without_waiting_for_the_poll(
@@ -73,15 +85,29 @@ def test_wrong_password_stops_the_daemon_with_a_clear_error(
     mailbox: MailServer, daemon_env: dict[str, str]
 ) -> None:
     daemon_env["FORWARDER_IMAP_PASSWORD"] = "wrong"
-    result = subprocess.run(
-        [sys.executable, "-m", "forwarder", "run"],
-        env=daemon_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_to_exit(daemon_env)
     assert result.returncode == 3
     assert "refused the login" in result.stderr
+
+
+def test_a_refused_login_exits_3_without_telling_systemd_ready(
+    mailbox: MailServer, daemon_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The unit's promise: `systemctl start` fails on a wrong password (the process exits
+    3 before READY), rather than starting a service that dies at once."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        daemon_env["FORWARDER_IMAP_PASSWORD"] = "wrong"
+        daemon_env["NOTIFY_SOCKET"] = str(path)
+        result = run_to_exit(daemon_env)
+        sock.setblocking(False)
+        seen: list[str] = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                seen += sock.recv(4096).decode().splitlines()
+    assert result.returncode == 3, result.stderr
+    assert "READY=1" not in seen, seen
 
 
 def test_connection_limit_at_start_is_retried_not_fatal_and_forwards_once_lifted(
