@@ -1,5 +1,5 @@
 """The private Postfix + Dovecot domain (tests/servers/postfix.py) does what the tests assume,
-and README.md's "Behind Postfix" recipe is the one it uses."""
+and docs/deployments.md's "Behind Postfix" recipe is the one it uses."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.servers.postfix import (
     PostfixServer,
 )
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+DOC = Path(__file__).resolve().parent.parent / "docs" / "deployments.md"
 CATCHALL = "catchall@example.org"
 
 
@@ -121,35 +121,36 @@ def test_a_refusal_after_acceptance_bounces_to_the_envelope_sender(
     assert b"ghost@example.net" in bounce and b"5.1.1" in bounce
 
 
-# --------------------------------------------------------------------------- the README recipe
+# --------------------------------------------------------------------------- the documented recipe
 
 
-def readme_block(anchor: str) -> str:
-    """The fenced block of README's "Behind Postfix" section that contains `anchor`."""
-    text = README.read_text()
-    section = text[text.index("### Behind Postfix") :]
-    section = section[: section.index("\n### ", 1)]
+def doc_block(anchor: str) -> str:
+    """The fenced block of docs/deployments.md's "Behind Postfix" section that contains
+    `anchor`."""
+    text = DOC.read_text()
+    section = text[text.index("\n## Behind Postfix\n") + 1 :]
+    section = section[: section.index("\n## ", 1)]
     blocks = section.split("```")[1::2]
     [block] = [b for b in blocks if anchor in b]
     return block
 
 
-def test_readme_main_cf_recipe_is_the_fixtures() -> None:
-    lines = [line for line in readme_block("virtual_transport").splitlines() if "=" in line]
+def test_documented_main_cf_recipe_is_the_fixtures() -> None:
+    lines = [line for line in doc_block("virtual_transport").splitlines() if "=" in line]
     recipe = dict(line.split(" = ", 1) for line in lines)
     for name, value in RECIPE_MAIN.items():
         assert recipe.get(name) == value, name
     assert set(recipe) - set(RECIPE_MAIN) <= {"virtual_transport", "smtpd_sasl_path"}
 
 
-def test_readme_submission_recipe_is_the_fixtures() -> None:
-    block = readme_block("submission inet")
+def test_documented_submission_recipe_is_the_fixtures() -> None:
+    block = doc_block("submission inet")
     options = dict(m.split("=", 1) for m in re.findall(r"-o (\S+=\S*)", block))
     options.pop("syslog_name", None)
     assert options == RECIPE_SUBMISSION
 
 
-def test_readme_dovecot_recipe_is_the_fixtures() -> None:
-    block = readme_block("userdb {")
+def test_documented_dovecot_recipe_is_the_fixtures() -> None:
+    block = doc_block("userdb {")
     assert RECIPE_DOMAIN_USERDB in block
     assert "@example.org::" in block and "user=catchall@example.org" in block

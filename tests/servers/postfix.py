@@ -24,7 +24,7 @@ The configuration is written once and Postfix is never reloaded: a reload of a
 Postfix logging many warnings can deadlock its log daemon.  Postfix delivers
 in the background: :meth:`PostfixServer.wait_idle` waits until every message
 it queued has left the queue (delivered, bounced or discarded), read from its
-log.  ``README.md`` ("Behind Postfix") gives the same recipe; ``RECIPE_MAIN``,
+log.  ``docs/deployments.md`` ("Behind Postfix") gives the same recipe; ``RECIPE_MAIN``,
 ``RECIPE_SUBMISSION`` and ``RECIPE_DOMAIN_USERDB`` are checked against it by
 tests/test_postfix_server.py.  Everything here runs as root.
 """
@@ -71,7 +71,7 @@ OTHER_DOMAIN = "example.net"  # no catch-all: an unknown user there bounces
 ADMIN = "lists-admin@example.org"  # the envelope sender: bounces land in its mailbox
 USERS = ("alice@example.org", "bob@example.org", "carol@example.org", "dave@example.org", ADMIN)
 
-# The recipe of README.md's "Behind Postfix", as this fixture uses it.
+# The recipe of docs/deployments.md's "Behind Postfix", as this fixture uses it.
 RECIPE_MAIN = {
     "virtual_mailbox_domains": f"{DOMAIN}, {OTHER_DOMAIN}",
     "virtual_mailbox_maps": f"inline:{{ @{DOMAIN}=ok, @{OTHER_DOMAIN}=ok }}",
