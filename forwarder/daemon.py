@@ -40,7 +40,7 @@ from forwarder.health import STUCK_MARGIN, Health, raise_file_limit
 from forwarder.mailbox import Mailbox
 from forwarder.metrics import Metrics
 from forwarder.notify import Notifier
-from forwarder.reload import compare, log_changes
+from forwarder.reload import compare, keep_restart_only, log_changes
 from forwarder.reporting import CycleSummary
 from forwarder.service import report
 from forwarder.state import StateStore
@@ -218,6 +218,7 @@ class Daemon:
         try:
             settings = await asyncio.to_thread(self.load)
             changes = await asyncio.to_thread(compare, self.settings, settings)
+            settings = keep_restart_only(self.settings, settings)
             mailboxes = {m.name: m for m in settings.mailboxes()}
         except Exception as exc:
             log.error(

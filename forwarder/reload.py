@@ -19,7 +19,9 @@ from forwarder.factory import cycle_options
 from forwarder.mailbox import Mailbox
 
 log = structlog.get_logger("forwarder.daemon")
-# Read once at start: a reload names them in `reload_needs_restart` and keeps the old value.
+# Read once at start: a reload names them in `reload_needs_restart` and keeps the old value
+# (`keep_restart_only`). The CA file is one: the SMTP connections of a shared relay outlive
+# a reload; the lease: the mailbox leases and the delivery claims must agree.
 RESTART_ONLY = (
     "state_db",
     "state_url",
@@ -27,6 +29,8 @@ RESTART_ONLY = (
     "log_level",
     "metrics_address",
     "imap_connections",
+    "tls_ca_file",
+    "takeover_after",
 )
 
 
@@ -75,8 +79,7 @@ def compare(old: Settings, new: Settings) -> Changes:
             for name in RESTART_ONLY
             if getattr(old, name, None) != getattr(new, name, None)
         ],
-        cycle_options=cycle_options(old) != cycle_options(new)
-        or old.tls_ca_file != new.tls_ca_file,
+        cycle_options=cycle_options(old) != cycle_options(keep_restart_only(old, new)),
         poll_interval=old.poll_interval != new.poll_interval,
     )
     for name in sorted(before.keys() & after.keys()):
@@ -103,6 +106,11 @@ def mailbox_changes(old: Mailbox, new: Mailbox) -> MailboxChanges:
         if removed := sorted(was - now):
             result.members_removed[address] = removed
     return result
+
+
+def keep_restart_only(old: Settings, new: Settings) -> Settings:
+    """`new`, with the values of the settings a reload cannot apply taken from `old`."""
+    return new.model_copy(update={name: getattr(old, name) for name in RESTART_ONLY})
 
 
 def log_changes(changes: Changes) -> None:

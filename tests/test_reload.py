@@ -15,7 +15,7 @@ from tests.conftest import LISTS
 from tests.daemon_process import Daemon
 from tests.faults import FaultProxy
 from tests.mail import build_message
-from tests.servers import MailServer, SmtpSink
+from tests.servers import MailServer, SmtpSink, self_signed_certificate
 
 
 @pytest.fixture
@@ -111,3 +111,28 @@ def test_a_reload_during_a_delivery_waits_for_it(
     status, events, stderr = daemon.stop()
     assert status == 0, stderr
     assert "cycle_failed" not in [e["event"] for e in events]
+
+
+def test_settings_a_reload_cannot_apply_are_named_and_kept(
+    mailbox: MailServer,
+    smtp_sink: SmtpSink,
+    reload_env: dict[str, str],
+    lists_file: Path,
+    start_daemon: type[Daemon],
+    tmp_path: Path,
+) -> None:
+    """The lease length and the CA file need a restart: said so, and the old values kept
+    (new delivery claims with another lease than the mailbox leases would disagree)."""
+    daemon = start_daemon(reload_env)
+    daemon.wait_for_event("ready")
+    ca, _ = self_signed_certificate(tmp_path)
+    (tmp_path / ".env").write_text(f"FORWARDER_TAKEOVER_AFTER=30s\nFORWARDER_TLS_CA_FILE={ca}\n")
+    lists_file.write_text(json.dumps(changed_lists()))
+    daemon.send(signal.SIGHUP)
+    needs = daemon.wait_for_event("reload_needs_restart")
+    assert sorted(needs["settings"]) == ["FORWARDER_TAKEOVER_AFTER", "FORWARDER_TLS_CA_FILE"]
+    daemon.wait_for_event("lists_changed")  # what can be applied still is
+    mailbox.deliver(build_message(subject="after"), ["contact@example.org"])
+    assert "erin@example.org" in smtp_sink.wait_for(1, timeout=20)[0].rcpt_tos
+    status, _, stderr = daemon.stop()
+    assert status == 0, stderr
