@@ -82,6 +82,7 @@ class Forwarder:
         )
         self._imap_lock = asyncio.Lock()
         self.folder = FolderProgress(mailbox.name, store, source, self._imap, clock)
+        self._recording: asyncio.Task[None] | None = None  # the batches' records, in order
 
     @property
     def stopping(self) -> bool:
@@ -160,13 +161,16 @@ class Forwarder:
         sizes = {u: i.size for u, i in info.found.items() if u not in elsewhere}
         if info.unreadable:  # the server cannot even say its size: quarantined
             await self._batch(uidvalidity, [], None, summary, info.unreadable)
+            await self._recorded()
         if gone := [u for u in due if u not in info.found and u not in info.unreadable]:
             await self.folder.expunged(uidvalidity, gone)
         o = self.options
         batches = list(
             fetch_batches(candidates, sizes, o.fetch_batch_bytes, o.fetch_batch_messages)
         )
-        # The next batch is fetched while this one is being sent.
+        # The next batch is fetched while this one is being sent, and the previous one is
+        # recorded and marked meanwhile (`_recording`: one write and one STORE at a time,
+        # in order, each after its batch's replies were committed).
         fetch: asyncio.Task[Fetched[bytes]] | None = None
         if batches:
             fetch = asyncio.create_task(self._imap(self.source.fetch, batches[0], sizes))
@@ -182,11 +186,18 @@ class Forwarder:
                 top = max((u for u in batch if u in fresh), default=None)
                 await self._batch(uidvalidity, items, top, summary, fetched.unreadable)
                 if self.stopping:
-                    return
+                    break
+        except BaseException:
+            with suppress(Exception):  # the error in flight is the one to tell
+                await self._recorded()
+            raise
         finally:
             if fetch is not None:
                 with suppress(ForwarderError):
                     await fetch
+        await self._recorded()
+        if self.stopping:
+            return
         # The batches raised the watermark to their highest new UID; new messages above it
         # that were in no batch (already $Forwarded, unreadable, expunged) have a record too.
         last = max(new, default=None)
@@ -196,6 +207,24 @@ class Forwarder:
             stopping=self.stopping,
             watermark=None if last is None or last in sizes else last,
         )
+
+    async def _recorded(self) -> None:
+        """Until the batches sent so far are recorded and marked."""
+        recording, self._recording = self._recording, None
+        if recording is not None:
+            await recording
+
+    async def _record(
+        self,
+        after: asyncio.Task[None] | None,
+        uidvalidity: int,
+        records: list[UidRecord],
+        top: int | None,
+    ) -> None:
+        if after is not None:
+            await after  # in order: the watermark only goes up
+        await self.folder.record(uidvalidity, records, top)
+        await self.folder.mark(records)
 
     async def _batch(
         self,
@@ -245,8 +274,9 @@ class Forwarder:
             # Messages not finished (an error, a stop) stay open: examined again next cycle.
             for uid, _ in items:
                 records.setdefault(uid, UidRecord(uid, UidState.OPEN))
-            await self.folder.record(uidvalidity, list(records.values()), top)
-        await self.folder.mark(records.values())
+            self._recording = asyncio.create_task(
+                self._record(self._recording, uidvalidity, list(records.values()), top)
+            )
 
     def _quarantine(
         self, uid: int, size: int | None, exc: Exception, summary: CycleSummary

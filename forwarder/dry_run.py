@@ -97,7 +97,7 @@ def survey(
         todo = source.unforwarded_uids()
         previous = store.last_folder(name)
         if previous is not None and previous.complete_through is not None and todo:
-            info = source.message_info(todo)
+            info = source.message_info(todo, dates=True)
             received = {u: i.internaldate for u, i in info.found.items()}
             old = seen_before(received, previous.complete_through)
             todo = [u for u in todo if u not in old]

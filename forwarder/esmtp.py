@@ -41,8 +41,7 @@ EIGHT_BIT_REFUSED = Reply(
 )
 NON_ASCII_REFUSED = Reply(
     ReplyCode.MAILBOX_NAME_NOT_ALLOWED,
-    "5.6.7 not sent: the address is not ASCII and the SMTP server offers no SMTPUTF8 "
-    "(RFC 6531)",
+    "5.6.7 not sent: the address is not ASCII and the SMTP server offers no SMTPUTF8 (RFC 6531)",
 )
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

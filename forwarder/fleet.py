@@ -103,9 +103,7 @@ class Fleet:
         pool = self.pools.get(mailbox.smtp)
         if pool is None:
             pool = self.pools[mailbox.smtp] = SharedPool(mailbox.smtp, self.settings.tls_ca_file)
-        forwarder = build_forwarder(
-            self.settings, mailbox, self.store, owner=self.owner, smtp=pool
-        )
+        forwarder = build_forwarder(self.settings, mailbox, self.store, owner=self.owner, smtp=pool)
         if self.metrics is not None:
             forwarder.reporter.observer = self.metrics.observer(mailbox.name)
         return forwarder

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import structlog
@@ -124,7 +125,7 @@ class FolderProgress:
         todo = await self._imap(self.source.unforwarded_uids) if self.source.keywords else every
         records = [UidRecord(u, UidState.OPEN) for u in todo]
         if previous is not None and previous.complete_through is not None and todo:
-            info = await self._imap(self.source.message_info, todo)
+            info = await self._imap(partial(self.source.message_info, dates=True), todo)
             received = {u: i.internaldate for u, i in info.found.items()}
             old = seen_before(received, previous.complete_through)
             records = [

@@ -133,10 +133,15 @@ def read_bodies(client: IMAPClient, chunk: list[int]) -> dict[int, bytes]:
     return found
 
 
-def read_info(client: IMAPClient, chunk: list[int]) -> dict[int, MessageInfo]:
+def read_info(
+    client: IMAPClient, chunk: list[int], *, dates: bool = False
+) -> dict[int, MessageInfo]:
+    """Size and flags of each message; with `dates`, its INTERNALDATE too (parsing one costs
+    as much as the rest: only a folder seen anew needs them)."""
     wanted = set(chunk)
     found: dict[int, MessageInfo] = {}
-    for uid, data in client.fetch(chunk, ["RFC822.SIZE", "FLAGS", "INTERNALDATE"]).items():
+    items = ["RFC822.SIZE", "FLAGS", *(["INTERNALDATE"] if dates else [])]
+    for uid, data in client.fetch(chunk, items).items():
         if int(uid) in wanted:
             found[int(uid)] = MessageInfo(
                 int(data.get(b"RFC822.SIZE", 0)),
@@ -170,10 +175,19 @@ def read_in_parts(
             return {uid: buffer}  # type: ignore[dict-item]
 
 
-def has_all(flags: Sequence[bytes] | None, wanted: Sequence[bytes]) -> bool:
-    """Whether `flags` holds every one of `wanted` (flags compare without case)."""
-    present = {bytes(f).lower() for f in flags or ()}
-    return all(k.lower() in present for k in wanted)
+def uid_set(uids: Sequence[int]) -> str:
+    """A sequence set naming these UIDs, runs as ranges: `1:4,7,9:10`."""
+    ordered = sorted(set(uids))
+    runs: list[str] = []
+    start = previous = ordered[0] if ordered else 0
+    for uid in ordered[1:]:
+        if uid != previous + 1:
+            runs.append(f"{start}:{previous}" if previous > start else str(start))
+            start = uid
+        previous = uid
+    if ordered:
+        runs.append(f"{start}:{previous}" if previous > start else str(start))
+    return ",".join(runs)
 
 
 def chunks(items: Sequence[int], size: int) -> Iterator[list[int]]:

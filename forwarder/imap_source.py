@@ -36,13 +36,13 @@ from forwarder.imap_fetch import (
     Reader,
     Refused,
     chunks,
-    has_all,
     read_bodies,
     read_in_parts,
     read_info,
     read_resilient,
     refusals,
     server_text,
+    uid_set,
 )
 from forwarder.mailbox import ImapEndpoint
 
@@ -187,10 +187,11 @@ class ImapSource:
         return sorted(int(u) for u in self._session().search(["ALL"]))
 
     @_wrap_errors
-    def message_info(self, uids: Sequence[int]) -> Fetched[MessageInfo]:
-        """Size, flags and INTERNALDATE of these messages (the server's index, not the
-        bodies); expunged UIDs are simply absent."""
-        return self._read(list(chunks(sorted(uids), _UID_CHUNK)), read_info)
+    def message_info(self, uids: Sequence[int], *, dates: bool = False) -> Fetched[MessageInfo]:
+        """Size and flags of these messages, with `dates` their INTERNALDATE too (the
+        server's index, not the bodies); expunged UIDs are simply absent."""
+        read = partial(read_info, dates=True) if dates else read_info
+        return self._read(list(chunks(sorted(uids), _UID_CHUNK)), read)
 
     @_wrap_errors
     def sizes(self, uids: Sequence[int]) -> dict[int, int]:
@@ -252,10 +253,15 @@ class ImapSource:
     def _store_keywords(
         self, client: IMAPClient, chunk: list[int], wanted: list[bytes]
     ) -> set[int]:
-        """STORE without .SILENT, then check the FLAGS the server answered."""
+        """STORE, then ask the server which of these messages lack a keyword.
+
+        The check is a SEARCH, whose answer names only the messages that did not keep
+        it (usually none): reading back the FLAGS of every message would cost a parsed
+        response per message, on a path that runs for every message forwarded.
+        """
         try:
             with refusals():
-                answered = client.add_flags(chunk, wanted)
+                client.add_flags(chunk, wanted, silent=True)
         except Refused as refused:
             if refused.closed:
                 raise ImapError(
@@ -263,11 +269,11 @@ class ImapSource:
                 ) from None
             self.keywords_refused = refused.text
             return set(chunk)
-        missing = [uid for uid in chunk if not has_all(answered.get(uid), wanted)]
-        if missing:  # no FETCH comes back for a message whose flags did not change
-            current = client.fetch(missing, ["FLAGS"])
-            missing = [u for u in missing if not has_all(current.get(u, {}).get(b"FLAGS"), wanted)]
-        return set(missing)
+        lacking: list[object] = ["UNKEYWORD", wanted[-1].decode()]
+        for keyword in reversed(wanted[:-1]):
+            lacking = ["OR", "UNKEYWORD", keyword.decode(), *lacking]
+        found = client.search(["UID", uid_set(chunk), *lacking])
+        return {int(uid) for uid in found} & set(chunk)
 
     def drop(self) -> None:
         """Forget the connection without talking to the server."""

@@ -20,6 +20,7 @@ process writes for a person passes one boundary here:
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
@@ -28,6 +29,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from types import TracebackType
 from typing import Any, Literal, TextIO
 
@@ -179,6 +181,46 @@ _LEVELS = {
 }
 
 
+class _Flusher:
+    """Flushes the log stream from a thread of its own, so that lines written in a burst
+    (a `delivery_sent` per member, thousands a second) go out in one system call rather
+    than one each. It is woken by the first line written and flushes at once: a line
+    waits at most a thread switch (milliseconds). Warnings and errors are flushed by the
+    writer itself, and what is left is flushed at exit."""
+
+    def __init__(self) -> None:
+        self.handler: logging.StreamHandler[TextIO] | None = None
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def use(self, handler: logging.StreamHandler[TextIO]) -> None:
+        self.flush()
+        self.handler = handler
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="log-flush", daemon=True)
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    def flush(self) -> None:
+        handler = self.handler
+        if handler is not None:
+            # A closed stream (at exit, in tests): nothing more to say.
+            with handler.lock or threading.RLock(), suppress(OSError, ValueError):
+                handler.stream.flush()
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            self._wanted.clear()
+            self.flush()
+
+
+_FLUSHER = _Flusher()
+
+
 class _LineWriter:
     """The structlog logger of the forwarder's own events: writes each rendered line."""
 
@@ -186,18 +228,27 @@ class _LineWriter:
         self.handler = handler
         self.name = name or "forwarder"  # for add_logger_name
 
-    def msg(self, line: str) -> None:
+    def _write(self, line: str) -> None:
         handler = self.handler
         with handler.lock or threading.RLock():  # the library lines' lock: whole lines
             handler.stream.write(line + "\n")
-            handler.stream.flush()
 
-    debug = info = warning = warn = error = err = exception = critical = fatal = log = msg
+    def msg(self, line: str) -> None:
+        self._write(line)
+        _FLUSHER.request()
+
+    def urgent(self, line: str) -> None:
+        self._write(line)
+        _FLUSHER.flush()
+
+    debug = info = log = msg
+    warning = warn = error = err = exception = critical = fatal = urgent
 
 
 class _LineWriterFactory:
     def __init__(self, handler: logging.StreamHandler[TextIO]) -> None:
         self.handler = handler
+        _FLUSHER.use(handler)
 
     def __call__(self, *args: Any) -> _LineWriter:
         return _LineWriter(self.handler, args[0] if args else None)

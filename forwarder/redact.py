@@ -47,9 +47,7 @@ def _url_passwords(text: str) -> list[str]:
 def _byte(value: int) -> str:
     """One byte: as the Latin-1 character, escaped (\\xNN, \\u00NN) or percent-encoded."""
     char = chr(value)
-    return (
-        rf"(?:{re.escape(char)}|\\+(?i:x{value:02x}|u00{value:02x})|(?i:%{value:02x}))"
-    )
+    return rf"(?:{re.escape(char)}|\\+(?i:x{value:02x}|u00{value:02x})|(?i:%{value:02x}))"
 
 
 def _char(char: str) -> str:

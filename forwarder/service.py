@@ -90,9 +90,7 @@ async def run_once(
         store.close()
 
 
-async def check(
-    settings: Settings, out: TextIO = sys.stdout, mailbox: str | None = None
-) -> int:
+async def check(settings: Settings, out: TextIO = sys.stdout, mailbox: str | None = None) -> int:
     try:
         store = open_store(settings, exclusive=False)  # a daemon may be running
     except ForwarderError as exc:

@@ -42,9 +42,7 @@ class SmtpPool:
         finally:
             self._idle.put_nowait(relay)
 
-    async def probe(
-        self, mail_from: str, lists: Mapping[str, Sequence[str]]
-    ) -> dict[str, Reply]:
+    async def probe(self, mail_from: str, lists: Mapping[str, Sequence[str]]) -> dict[str, Reply]:
         """`SmtpRelay.probe` with the first member of each member domain (`check`)."""
         async with self.session() as relay:
             return await relay.probe(mail_from, probe_recipients(lists))
@@ -64,4 +62,3 @@ def probe_recipients(lists: Mapping[str, Sequence[str]]) -> list[str]:
         for member in members:
             first.setdefault(member.rpartition("@")[2].lower(), member)
     return list(first.values())
-

@@ -300,4 +300,3 @@ class MailboxWorker:
             log.warning("close_failed", error=str(exc) or type(exc).__name__)
         if endpoint_changed:
             self.watch.reset()
-

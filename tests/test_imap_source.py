@@ -12,6 +12,7 @@ import pytest
 
 from forwarder.config import Settings
 from forwarder.errors import UnreadableMessage
+from forwarder.imap_fetch import uid_set
 from forwarder.imap_source import FORWARD_FAILED, FORWARDED, SEEN, ImapSource
 from tests.conftest import MakeSettings, imap_source
 from tests.imap_faults import ImapFaultProxy
@@ -100,7 +101,7 @@ def test_message_info_gives_size_flags_and_internaldate(
     uids = deliver(mailbox, 2)
     source.noop()
     source.mark([uids[0]], [FORWARDED])
-    info = source.message_info([*uids, uids[-1] + 50])  # an unknown UID is simply absent
+    info = source.message_info([*uids, uids[-1] + 50], dates=True)  # unknown UID: absent
     assert sorted(info.found) == uids and info.unreadable == {}
     raws = {uid: raw for uid, _flags, raw in mailbox.messages()}
     for uid in uids:
@@ -109,6 +110,19 @@ def test_message_info_gives_size_flags_and_internaldate(
         assert info.found[uid].internaldate.tzinfo is not None  # type: ignore[union-attr]
     assert FORWARDED in info.found[uids[0]].flags
     assert FORWARDED not in info.found[uids[1]].flags
+
+
+def test_message_info_leaves_out_internaldate_unless_asked(
+    mailbox: MailServer, source: ImapSource
+) -> None:
+    uids = deliver(mailbox, 1)
+    source.noop()
+    assert source.message_info(uids).found[uids[0]].internaldate is None
+
+
+def test_uid_sets_name_runs_as_ranges() -> None:
+    assert uid_set([9, 1, 2, 3, 4, 7, 10]) == "1:4,7,9:10"
+    assert uid_set([5]) == "5"
 
 
 def test_unforwarded_uids_leaves_out_flagged_messages(
