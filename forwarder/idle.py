@@ -10,7 +10,8 @@ Two ways to use it (`forwarder.worker`):
 
 * `IdleWatcher`: a second connection of its own, reconnected with back-off after any
   error, IDLE renewed every `renew` seconds (29 minutes at most: servers may end an
-  IDLE after 30). A login refused for now (`ImapBusyError`: a connection limit) ends
+  IDLE after 30), the cycle woken each time an IDLE is in place (for what came while
+  nobody listened). A login refused for now (`ImapBusyError`: a connection limit) ends
   the watcher with `busy` set, and the worker idles on the cycle's own connection
   instead; refused credentials end it too (the cycle reports them).
 * the cycle's own connection between two cycles (`FORWARDER_IMAP_CONNECTIONS=1`, or
@@ -36,7 +37,7 @@ from forwarder.mailbox import ImapEndpoint
 
 log = structlog.get_logger("forwarder.idle")
 IDLE_RENEW = 29 * 60.0
-FIRST_PERIOD = 1.0  # the first IDLE after a cycle is ended and started again (see `done`)
+FIRST_PERIOD = 1.0  # on the cycle's connection, the first IDLE after a cycle (see `done`)
 NEW_MAIL = (b"EXISTS", b"RECENT")
 MAX_BACKOFF = 60.0
 
@@ -185,7 +186,6 @@ class IdleWatcher:
                     )
                     return
                 delay = 1.0
-                self.wake()  # whatever arrived while nobody was listening
                 await self._idle(source)
             except AuthError as exc:
                 log.error("idle_failed", error=str(exc))  # the cycle reports it too
@@ -217,18 +217,22 @@ class IdleWatcher:
     async def _idle(self, source: ImapSource) -> None:
         client = source.client
         assert client is not None
-        period = FIRST_PERIOD
         while not self._stop.is_set():
             session = self._session = IdleSession(client, self.wake)
             await session.start()
             if not self.watching:
                 self.watching = True
                 log.info("idle_started", server=source.server)
+            # A cycle now, with the IDLE in place: it finds whatever came while nobody
+            # listened, and what the server announced with its "+ idling", which imaplib's
+            # buffer hides from the event loop. Not a DONE and a new IDLE instead: each
+            # IDLE command starts the server's notification delay again (Dovecot: up to
+            # 500 ms), which would delay the mail of that moment.
+            self.wake()
             stop = asyncio.ensure_future(self._stop.wait())
             waits: list[asyncio.Future[Any]] = [session.ended, stop]
             try:
-                await asyncio.wait(waits, timeout=period, return_when=asyncio.FIRST_COMPLETED)
-                period = self.renew
+                await asyncio.wait(waits, timeout=self.renew, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop.cancel()
             if self._stop.is_set():
