@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 -- index, so a store of millions of old deliveries costs nothing per new message.
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (next_try)
     WHERE status IN ('pending', 'deferred');
+-- The claims in flight (none between cycles): renewed during long sends, and expired at
+-- start-up by the one process of a SQLite store without a look at the deferred rows.
+CREATE INDEX IF NOT EXISTS deliveries_claimed ON deliveries (claim_owner)
+    WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated);
 CREATE INDEX IF NOT EXISTS deliveries_message_id ON deliveries (message_id);
 CREATE INDEX IF NOT EXISTS deliveries_member ON deliveries (member);

@@ -38,7 +38,8 @@ from forwarder.state import (
 
 # The claims in play, in words the deliveries_due partial index answers (SQLite uses a
 # partial index only when the query repeats its WHERE): never a scan of every delivery.
-_PENDING = "status IN ('pending', 'deferred') AND status = 'pending'"
+# The claims in flight, through their partial index `deliveries_claimed`.
+_PENDING = "status = 'pending'"
 
 
 class SqliteStateStore:

@@ -38,16 +38,30 @@ def delivered(key: str) -> MessageResult:
     )
 
 
+def deferred(key: str) -> MessageResult:
+    return MessageResult(
+        key,
+        None,
+        LISTS,
+        tuple(Delivery(m, m, Status.DEFERRED, 451, "4.2.0 busy", T0 + 3600) for m in MEMBERS),
+    )
+
+
 def build(path: Path, final: int) -> None:
-    """`final` forwarded messages (a third skipped instead), and the same few rows in play:
-    two open UIDs, one final UID not marked yet, one claimed message."""
+    """`final` forwarded messages (a third skipped instead), one in a hundred of them still
+    deferred (a long-lived store has some), and the same few rows in play: two open UIDs,
+    one final UID not marked yet, one claimed message."""
     store = SqliteStateStore(path)
     try:
         done = [u for u in range(1, final + 1) if u % 3]
         skipped = [u for u in range(1, final + 1) if not u % 3]
         keys = [f"key-{u}" for u in done]
         store.claim(BOX, [request_for(k) for k in keys], "old", T0, LEASE)
-        store.record_results(BOX, [delivered(k) for k in keys], T0 + 1)
+        store.record_results(
+            BOX,
+            [deferred(k) if not u % 100 else delivered(k) for u, k in zip(done, keys, strict=True)],
+            T0 + 1,
+        )
         records = [UidRecord(u, UidState.DONE, keys[i]) for i, u in enumerate(done)]
         records += [UidRecord(u, UidState.SKIPPED, reason="no list") for u in skipped]
         store.record_uids(BOX, UIDVALIDITY, records, T0 + 1, watermark=final, marked=done)
