@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from forwarder import pg_leases, pg_ops, pg_schema, pg_sql
+from forwarder import pg_claims, pg_folders, pg_leases, pg_ops, pg_schema, pg_sql
 from forwarder.errors import StateError
 from forwarder.pg_connect import Connection, Pool, target, text
 from forwarder.pg_report import read_report
@@ -36,10 +35,8 @@ from forwarder.state import (
     DeliveryQuery,
     DeliveryRow,
     FolderState,
-    MemberState,
     MessageResult,
     Requeued,
-    Status,
     StoreReport,
     UidRecord,
     UidState,
@@ -109,66 +106,7 @@ class PgStateStore:
         now: float,
         lease: float,
     ) -> list[Claim]:
-        # Each (message, member) once, in key order: two instances claiming overlapping
-        # sets take their row locks in the same order.
-        pairs: dict[tuple[str, str], tuple[str, ClaimRequest]] = {}
-        for request in requests:
-            for member, address in request.members:
-                pairs.setdefault((request.message_key, member), (address, request))
-        ordered = sorted(pairs)
-        keys = [text(k) for k, _ in ordered]
-        members = [text(m) for _, m in ordered]
-        params: dict[str, Any] = {
-            "mailbox": mailbox,
-            "now": now,
-            "owner": owner,
-            "lease": lease,
-            "keys": keys,
-            "members": members,
-        }
-
-        def body(conn: Connection) -> tuple[dict[tuple[str, str], str], dict[Any, MemberState]]:
-            insert = {
-                **params,
-                "addresses": [text(pairs[p][0]) for p in ordered],
-                "lists": [text(",".join(pairs[p][1].lists)) for p in ordered],
-                "ids": [text(pairs[p][1].message_id) for p in ordered],
-                "senders": [text(pairs[p][1].sender) for p in ordered],
-            }
-            # Sent together (pipeline), run in order: new rows, due rows, then every state.
-            new, due, found = (
-                conn.execute(pg_sql.INSERT_NEW, insert),
-                conn.execute(pg_sql.TAKE_DUE, params),
-                conn.execute(pg_sql.STATES, params),
-            )
-            won = {(k, m): was for k, m, was in [*new.fetchall(), *due.fetchall()]}
-            states = {
-                (k, m): MemberState(Status(status), attempts, first_try, next_try)
-                for k, m, status, attempts, first_try, next_try in found.fetchall()
-            }
-            return won, states
-
-        won, states = self._pool.run("claiming deliveries", body) if ordered else ({}, {})
-        claims: list[Claim] = []
-        given: set[tuple[str, str]] = set()
-        for request in requests:
-            mine: dict[str, MemberState] = {}
-            taken: set[str] = set()
-            interrupted: set[str] = set()
-            for member, _ in request.members:
-                pair = (text(request.message_key), text(member))
-                state = states.get(pair)
-                if state is None:
-                    continue  # forgotten (pruned) meanwhile: due again at the next cycle
-                if pair in won and pair not in given:
-                    given.add(pair)
-                    taken.add(member)
-                    if won[pair] == Status.PENDING:
-                        interrupted.add(member)
-                        state = MemberState(state.status, state.attempts, state.first_try, None)
-                mine[member] = state
-            claims.append(Claim(mine, frozenset(taken), frozenset(interrupted)))
-        return claims
+        return pg_claims.claim(self._pool, mailbox, requests, owner, now, lease)
 
     def renew(self, owner: str, now: float, lease: float) -> None:
         self._pool.run(
@@ -228,46 +166,27 @@ class PgStateStore:
 
     # Folder progress --------------------------------------------------------------
 
-    def _folder(self, query: str, args: dict[str, Any]) -> FolderState | None:
-        row = self._pool.run("reading folder progress", lambda c: c.execute(query, args).fetchone())
-        return FolderState(*row) if row else None
-
     def folder(self, mailbox: str, uidvalidity: int) -> FolderState | None:
-        return self._folder(
-            "SELECT uidvalidity, watermark, complete_through FROM forwarder.folders "
-            "WHERE mailbox = %(mailbox)s AND uidvalidity = %(uidvalidity)s",
-            {"mailbox": mailbox, "uidvalidity": uidvalidity},
+        return self._pool.run(
+            "reading folder progress", lambda c: pg_folders.folder(c, mailbox, uidvalidity)
         )
 
     def last_folder(self, mailbox: str) -> FolderState | None:
-        return self._folder(
-            "SELECT uidvalidity, watermark, complete_through FROM forwarder.folders "
-            "WHERE mailbox = %(mailbox)s ORDER BY updated DESC LIMIT 1",
-            {"mailbox": mailbox},
+        return self._pool.run(
+            "reading folder progress", lambda c: pg_folders.last_folder(c, mailbox)
         )
 
     def open_uids(self, mailbox: str, uidvalidity: int, now: float) -> list[int]:
-        rows = self._pool.run(
-            "reading open messages",
-            lambda c: c.execute(
-                "SELECT uid FROM forwarder.uids WHERE mailbox = %s AND uidvalidity = %s "
-                "AND state = 'open' AND (due IS NULL OR due <= %s) ORDER BY uid",
-                (mailbox, uidvalidity, now),
-            ).fetchall(),
+        return self._pool.run(
+            "reading open messages", lambda c: pg_folders.open_uids(c, mailbox, uidvalidity, now)
         )
-        return [uid for (uid,) in rows]
 
     def unmarked_uids(self, mailbox: str, uidvalidity: int) -> list[UidRecord]:
         """Final messages whose keywords were never confirmed set."""
-        rows = self._pool.run(
+        return self._pool.run(
             "reading unmarked messages",
-            lambda c: c.execute(
-                "SELECT uid, state FROM forwarder.uids WHERE mailbox = %s AND uidvalidity = %s "
-                "AND NOT marked AND state IN ('done', 'failed', 'quarantined') ORDER BY uid",
-                (mailbox, uidvalidity),
-            ).fetchall(),
+            lambda c: pg_folders.unmarked_uids(c, mailbox, uidvalidity),
         )
-        return [UidRecord(uid, UidState(state)) for uid, state in rows]
 
     def record_uids(
         self,
@@ -280,44 +199,12 @@ class PgStateStore:
         complete_through: float | None = None,
         marked: Sequence[int] = (),
     ) -> None:
-        latest = {r.uid: r for r in records}  # a later record of one UID replaces an earlier
-        rs = [latest[uid] for uid in sorted(latest)]
-        args: dict[str, Any] = {
-            "mailbox": mailbox,
-            "uidvalidity": uidvalidity,
-            "now": now,
-            "watermark": watermark,
-            "complete_through": complete_through,
-            "marked": sorted(set(marked)),
-            "uids": [r.uid for r in rs],
-            "states": [r.state.value for r in rs],
-            "keys": [text(r.message_key) for r in rs],
-            "ids": [text(r.message_id) for r in rs],
-            "reasons": [text(r.reason) for r in rs],
-            "dues": [r.due for r in rs],
-        }
-
-        def body(conn: Connection) -> None:
-            conn.execute(
-                "INSERT INTO forwarder.folders (mailbox, uidvalidity, watermark, "
-                "complete_through, created, updated) VALUES (%(mailbox)s, %(uidvalidity)s, "
-                "coalesce(%(watermark)s, 0), %(complete_through)s, %(now)s, %(now)s) "
-                "ON CONFLICT (mailbox, uidvalidity) DO UPDATE SET updated = excluded.updated, "
-                "watermark = greatest(folders.watermark, excluded.watermark), "
-                "complete_through = coalesce(excluded.complete_through, "
-                "folders.complete_through)",
-                args,
-            )
-            if rs:
-                conn.execute(pg_sql.UIDS, args)
-            if marked:
-                conn.execute(
-                    "UPDATE forwarder.uids SET marked = true WHERE mailbox = %(mailbox)s "
-                    "AND uidvalidity = %(uidvalidity)s AND uid = ANY(%(marked)s::bigint[])",
-                    args,
-                )
-
-        self._pool.run("recording messages", body)
+        self._pool.run(
+            "recording messages",
+            lambda c: pg_folders.record_uids(
+                c, mailbox, uidvalidity, records, now, watermark, complete_through, marked
+            ),
+        )
 
     # Mailbox leases -----------------------------------------------------------------
 
