@@ -42,9 +42,7 @@ from forwarder.redact import register_secret, scrub, scrub_bytes
 LogFormat = Literal["json", "console"]
 ERROR_PRIORITY = 3
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, ERROR_PRIORITY), (logging.WARNING, 4))
-_CONTROLS = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]"
-)
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # the console renderer's own colours
 _META = frozenset({"_record", "_from_structlog"})  # structlog's own keys: left alone
