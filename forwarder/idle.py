@@ -225,9 +225,9 @@ class IdleWatcher:
                 log.info("idle_started", server=source.server)
             # A cycle now, with the IDLE in place: it finds whatever came while nobody
             # listened, and what the server announced with its "+ idling", which imaplib's
-            # buffer hides from the event loop. Not a DONE and a new IDLE instead: each
-            # IDLE command starts the server's notification delay again (Dovecot: up to
-            # 500 ms), which would delay the mail of that moment.
+            # buffer hides from the event loop. Not a DONE and a new IDLE instead: Dovecot
+            # answers the new IDLE with the EXISTS of the mail that came meanwhile, in the
+            # same packet as its "+ idling", where the buffer hides it again.
             self.wake()
             stop = asyncio.ensure_future(self._stop.wait())
             waits: list[asyncio.Future[Any]] = [session.ended, stop]

@@ -21,10 +21,11 @@ CONTACT = "contact@example.org"
 async def test_the_watcher_keeps_one_idle_while_mail_comes_and_wakes_at_each_message(
     mailbox: MailServer, make_settings: MakeSettings
 ) -> None:
-    """Dovecot announces new mail 0-500 ms after it came, and a new IDLE command starts
-    that delay again: a watcher that ended its first IDLE after a second (to read what
-    came with "+ idling") delayed the mail of that moment by up to 500 ms more. Three
-    messages one after the other take Dovecot at least 1.5 s to announce."""
+    """A watcher that ended its first IDLE after a second (to read what came with
+    "+ idling") and started another missed the mail of that moment: Dovecot answers a new
+    IDLE with its EXISTS in the same packet as "+ idling", hidden in imaplib's buffer
+    until the next packet. Dovecot announces new mail 0-500 ms after it came, so three
+    messages one after the other take at least 1.5 s: past that first second."""
     woken, idling = asyncio.Event(), asyncio.Event()
 
     def seen(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
