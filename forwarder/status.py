@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from forwarder.config import ProcessSettings
-from forwarder.errors import EXIT_OK, StateError
+from forwarder.errors import EXIT_OK, ForwarderError
 from forwarder.factory import open_store, store_label
 from forwarder.logs import escape_controls, print_error, printable_json
 from forwarder.reporting import iso
@@ -183,7 +183,7 @@ async def show_status(
             report = read_status(store, store_label(settings), mailbox=mailbox)
         finally:
             store.close()
-    except StateError as exc:
+    except ForwarderError as exc:  # StateError, or a ConfigError (psycopg missing)
         print_error(f"forwarder: {exc}")
         return exc.exit_status
     if as_json:

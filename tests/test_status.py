@@ -386,3 +386,18 @@ def test_status_escapes_control_characters_from_messages_and_servers(
     assert r"busy\x1b[31m" in text.stdout
     (deferred,) = json.loads(as_json.stdout)["deferred"]
     assert deferred["message_id"] == evil.lower()[1:-1]
+
+
+def test_a_state_url_without_psycopg_is_exit_2_in_one_line(
+    state_env: dict[str, str], tmp_path: Path
+) -> None:
+    shim = tmp_path / "shim" / "psycopg"  # first on the path: psycopg as if not installed
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("No module named psycopg")\n')
+    del state_env["FORWARDER_STATE_DB"]
+    state_env["FORWARDER_STATE_URL"] = "postgresql://forwarder@127.0.0.1:1/forwarder"
+    state_env["PYTHONPATH"] = str(shim.parent)
+    result = forwarder(state_env, "status")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "FORWARDER_STATE_URL" in result.stderr and "psycopg" in result.stderr
